@@ -1,0 +1,52 @@
+"""`equilibrate` console entry point.
+
+Training stages (`sft`, `rm`, `dpo`, `ppo`) are LightningCLI programs; the other
+sub-commands are plain argparse programs. Each lives in its own module and is imported
+only when asked for, so `equilibrate categorize` does not pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# sub-command -> "module:function"; the function takes the remaining argv and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sft": ("equilibrate_pl.commands.train:sft", "supervised fine-tuning (LightningCLI)"),
+    "rm": ("equilibrate_pl.commands.train:rm", "reward model (LightningCLI)"),
+    "dpo": ("equilibrate_pl.commands.train:dpo", "DPO / ADPO (LightningCLI)"),
+    "ppo": ("equilibrate_pl.commands.train:ppo", "PPO / APPO / GRPO / RLOO (LightningCLI)"),
+    "categorize": ("equilibrate_pl.commands.categorize:main", "FDC-label a data file"),
+    "synthesize-mhd": ("equilibrate_pl.commands.categorize:synthesize_main", "merge EHD+IHD prompts into MHD"),
+    "world": ("equilibrate_pl.commands.world:main", "write the built-in safety world to files"),
+    "export": ("equilibrate_pl.commands.export:main", "checkpoint -> Hugging Face model directory"),
+    "eval": ("equilibrate_pl.commands.evaluate:main", "generate, judge and report"),
+    "quickstart": ("equilibrate_pl.commands.quickstart:main", "the whole pipeline on the built-in tiny default"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: equilibrate <command> [args]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"equilibrate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
