@@ -1,0 +1,1 @@
+"""Pure torch math of the method: log-probs, DPO, AMA masks, rewards, PPO. No Lightning here."""

@@ -1,0 +1,101 @@
+"""Adaptive Message-wise Alignment: masks that keep only the key tokens of each response.
+
+METHOD.md section 3. A good response (chosen / non-negative advantage) keeps tokens whose signal is
+above the baseline, a bad one keeps tokens below it. Padding is never kept. A row whose mask would
+be empty falls back to its full mask, so every response still contributes; callers log how often.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Union
+
+import torch
+
+Baseline = Union[Literal["zero", "batch_mean"], float]
+
+
+class AMAMasks(NamedTuple):
+    """Result of :func:`adpo_masks`; unpacks as ``(chosen_keep, rejected_keep)``."""
+
+    chosen_keep: torch.Tensor
+    rejected_keep: torch.Tensor
+
+
+def baseline_value(baseline: Baseline, signals: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """The scalar baseline b: 0, a given float, or the mean signal over every real token given."""
+    if baseline == "zero":
+        return torch.zeros((), dtype=torch.float32, device=signals[0].device)
+    if baseline == "batch_mean":
+        total = sum((s.float() * m).sum() for s, m in zip(signals, masks))
+        count = sum(m.sum() for m in masks)
+        # An all-padding batch has no tokens to keep; any baseline gives the same (empty) masks.
+        return total / count.clamp(min=1)
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return torch.tensor(float(baseline), device=signals[0].device)
+    raise ValueError(f"baseline must be 'zero', 'batch_mean' or a number, got {baseline!r}")
+
+
+def keep_tokens(signal: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep real tokens with signal > b where ``above`` (per row) is true, signal < b elsewhere.
+
+    Returns ``(keep, fallback)``: the (B, T) bool mask and a (B,) bool flag of rows whose selection
+    was empty although the row had real tokens, which therefore keep their full mask.
+    """
+    mask = mask.bool()
+    above = above.bool().reshape(-1, 1)
+    selected = torch.where(above, signal > b, signal < b) & mask
+    fallback = ~selected.any(dim=1) & mask.any(dim=1)
+    keep = torch.where(fallback.unsqueeze(1), mask, selected)
+    return keep, fallback
+
+
+def adpo_masks(
+    chosen_signal: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_signal: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    baseline: Baseline = "zero",
+    return_fallbacks: bool = False,
+) -> AMAMasks | tuple[AMAMasks, torch.Tensor, torch.Tensor]:
+    """ADPO masks: chosen tokens with signal > b, rejected tokens with signal < b.
+
+    ``batch_mean`` uses the mean signal over all real tokens of chosen AND rejected together.
+    With ``return_fallbacks`` also returns the (B,) empty-mask fallback flags of chosen and rejected.
+    """
+    b = baseline_value(baseline, [chosen_signal, rejected_signal], [chosen_mask.bool(), rejected_mask.bool()])
+    above = torch.ones(chosen_signal.shape[0], dtype=torch.bool, device=chosen_signal.device)
+    chosen_keep, chosen_fb = keep_tokens(chosen_signal, chosen_mask, b, above)
+    rejected_keep, rejected_fb = keep_tokens(rejected_signal, rejected_mask, b, ~above)
+    masks = AMAMasks(chosen_keep, rejected_keep)
+    return (masks, chosen_fb, rejected_fb) if return_fallbacks else masks
+
+
+def sequence_advantage(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the advantage at each row's first response token (0 for a row with no response)."""
+    mask = action_mask.bool()
+    first = mask.int().argmax(dim=1)
+    values = advantages.gather(1, first.unsqueeze(1)).squeeze(1)
+    return torch.where(mask.any(dim=1), values, torch.zeros_like(values))
+
+
+def appo_mask(
+    advantages: torch.Tensor,
+    token_signal: torch.Tensor,
+    action_mask: torch.Tensor,
+    baseline: Baseline = "zero",
+    return_fallbacks: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """APPO mask ``M_t = m_t (1[A >= 0] 1[r_t > b] + 1[A < 0] 1[r_t < b])``.
+
+    A row's sequence-level advantage A is its advantage at the first response token (with GAE and
+    gamma = 1 that is the return-to-go of the whole response minus the first value).
+    """
+    b = baseline_value(baseline, [token_signal], [action_mask.bool()])
+    positive = sequence_advantage(advantages, action_mask) >= 0
+    keep, fallback = keep_tokens(token_signal, action_mask, b, positive)
+    return (keep, fallback) if return_fallbacks else keep
+
+
+def kept_fraction(keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of real tokens kept by an AMA mask (a logging statistic)."""
+    return keep.sum().float() / mask.bool().sum().clamp(min=1).float()

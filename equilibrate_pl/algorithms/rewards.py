@@ -1,0 +1,28 @@
+"""Reward shaping: dense per-token rewards from prefix scores."""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_rewards(prefix_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards as differences of prefix scores (METHOD.md section 3, ``dense_reward``).
+
+    Args:
+        prefix_scores: (B, L) the reward head applied at every position, so entry t is
+            ``S(x, y_<=t)``: the score of the sequence cut after token t (one forward pass).
+        mask: (B, L) true on response tokens. A response's first token needs a prompt token
+            before it, so ``mask[:, 0]`` must be false.
+
+    Returns:
+        (B, L): ``S_t - S_{t-1}`` on response tokens, zero elsewhere. Over a contiguous response
+        the rewards telescope to ``S(last token) - S(end of prompt)``.
+    """
+    if prefix_scores.shape != mask.shape:
+        raise ValueError(f"shape mismatch: scores {tuple(prefix_scores.shape)}, mask {tuple(mask.shape)}")
+    mask = mask.bool()
+    if mask[:, 0].any():
+        raise ValueError("mask[:, 0] is set: a response token needs a prompt token before it")
+    scores = prefix_scores.float()
+    previous = torch.cat([torch.zeros_like(scores[:, :1]), scores[:, :-1]], dim=1)
+    return (scores - previous) * mask
