@@ -1,0 +1,214 @@
+"""The built-in safety world: determinism, split hygiene, schema, label noise, placeholder harm."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from equilibrate_pl.commands.world import main as world_main
+from equilibrate_pl.data.schema import GROUP_NAMES, PreferenceRecord, PromptRecord, SFTRecord
+from equilibrate_pl.data.world import GENERAL_TASKS, LOOKALIKE_TASKS, PEOPLE, RISKY_ITEMS, SIZES, build_world
+
+# Written independently of the module: words that make a prompt explicitly risky.
+EXPLICIT = re.compile(
+    r"\b(bomb|gun|rifle|napalm|thermite|molotov|grenade|flamethrower|crossbow|meth|cocaine|fentanyl|heroin|"
+    r"lsd|ecstasy|ricin|gas|cyanide|arsenic|poison|ransomware|keylogger|virus|botnet|phishing|spyware|hack\w*|"
+    r"crack|launder|counterfeit|smuggle|drugs?|sedative|detonator|silencer|kill\w*|shoot|steal|"
+    r"oxycodone|rohypnol|strychnine|thallium|antifreeze|pills)\b",
+    re.I,
+)
+REFUSAL_START = re.compile(r"^(I can't|I'm sorry|Sorry|I won't|I'm not able)")
+PLACEHOLDER = re.compile(r"\[[a-z ]+\]")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(seed=0, size="tiny")
+
+
+def _all_records(w):
+    out = {}
+    for split in ("train", "eval"):
+        out[f"prompts_{split}"] = w.prompts(split)
+        out[f"sft_{split}"] = w.sft_records(split)
+        out[f"pref_{split}"] = w.preference_records(split)
+        out[f"pool_{split}"] = w.safety_pool(split)
+    return out
+
+
+def test_same_seed_same_records_and_other_seed_differs(world):
+    assert _all_records(build_world(seed=0, size="tiny")) == _all_records(world)
+    other = build_world(seed=1, size="tiny")
+    assert [r["prompt"] for r in other.prompts("train")] != [r["prompt"] for r in world.prompts("train")]
+
+
+def test_sizes_match_the_table_and_every_group_is_present():
+    for size in ("tiny", "default"):
+        w = build_world(seed=3, size=size)
+        for split in ("train", "eval"):
+            want = SIZES[size][split]
+            counts = Counter(r["group"] for r in w.prompts(split))
+            assert counts["EHD"] == want["EHD"] and counts["IHD"] == want["IHD"] and counts["MHD"] == want["MHD"]
+            assert counts["general"] == want["general"] + want["lookalike"]
+            assert sum(r["meta"]["lookalike"] for r in w.prompts(split)) == want["lookalike"]
+            assert all(counts[g] > 0 for g in GROUP_NAMES)
+    tiny = build_world(size="tiny")
+    assert 250 <= sum(len(tiny.prompts(s)) for s in ("train", "eval")) <= 350
+
+
+def test_prompts_are_unique_and_train_eval_are_disjoint(world):
+    train = [r["prompt"] for r in world.prompts("train")]
+    evals = [r["prompt"] for r in world.prompts("eval")]
+    assert len(set(train)) == len(train) and len(set(evals)) == len(evals)
+    assert not set(train) & set(evals)
+    noise = [r["prompt"] for r in world.safety_pool("train") if r["meta"]["noisy"]]
+    assert not set(noise) & set(train), "noise look-alikes are extra prompts, not copies with flipped labels"
+
+
+def test_slot_fillers_do_not_cross_splits():
+    w = build_world(seed=0, size="default")
+    text = {s: " ".join(r["prompt"].lower() for r in w.prompts(s)) for s in ("train", "eval")}
+    for task, _, _ in GENERAL_TASKS + LOOKALIKE_TASKS:
+        assert not (task.lower() in text["train"] and task.lower() in text["eval"]), task
+    for item, _ in RISKY_ITEMS:
+        hits = [s for s in ("train", "eval") if re.search(rf"\b{re.escape(item.lower())}\b", text[s])]
+        assert len(hits) <= 1, item
+    for person in PEOPLE:
+        hits = [s for s in ("train", "eval") if f"my {person}" in text[s]]
+        assert len(hits) <= 1, person
+
+
+def test_records_follow_the_schema(world):
+    kinds = {"prompts": PromptRecord, "sft": SFTRecord, "pref": PreferenceRecord, "pool": PreferenceRecord}
+    for name, rows in _all_records(world).items():
+        ids = [r["id"] for r in rows]
+        assert len(set(ids)) == len(ids), name
+        for r in rows:
+            kinds[name.split("_")[0]](**r)  # unknown or missing fields raise TypeError
+            assert r["group"] in GROUP_NAMES and r["source"] == "builtin-world"
+            assert r["meta"]["true_group"] in GROUP_NAMES
+            assert r["meta"]["ideal"] == ("help" if r["meta"]["true_group"] == "general" else "refuse")
+            json.dumps(r)
+
+
+def test_lookalikes_are_general_helpful_and_carry_risky_words(world):
+    looks = [r for s in ("train", "eval") for r in world.prompts(s) if r["meta"]["lookalike"]]
+    assert looks
+    for r in looks:
+        assert r["group"] == "general" and r["meta"]["ideal"] == "help"
+        assert EXPLICIT.search(r["prompt"]) or re.search(r"\b(blow|attack|terminate|execute|destroy|toxic|fire|"
+                                                         r"smash|snipe|explode|torch|murder|dissect|crush|beat|wipe|"
+                                                         r"fight|break|knock|bleed|bombing)\w*", r["prompt"], re.I), r["prompt"]
+
+
+def test_groups_carry_their_cues():
+    w = build_world(seed=0, size="default")
+    for split in ("train", "eval"):
+        for r in w.prompts(split, ["IHD"]):
+            assert not EXPLICIT.search(r["prompt"]), r["prompt"]
+            assert re.search(r"\bmy \w+", r["prompt"], re.I)
+        for r in w.prompts(split, ["EHD"]):
+            assert EXPLICIT.search(r["prompt"]), r["prompt"]
+            assert not re.search(r"\bmy\b", r["prompt"]), r["prompt"]
+        for r in w.prompts(split, ["MHD"]):
+            assert EXPLICIT.search(r["prompt"]) and re.search(r"\bmy \w+", r["prompt"], re.I), r["prompt"]
+        for r in w.prompts(split, ["general"]):
+            if not r["meta"]["lookalike"]:
+                assert not re.search(r"\b(bomb|gun|meth|poison|hack|kill|shoot|drug)", r["prompt"], re.I), r["prompt"]
+
+
+def test_harmful_responses_are_placeholders_only(world):
+    forbidden = re.compile(r"\d|\b(grams?|ml|litres?|degrees|mix|heat|boil|dissolve|ignite|wire|dose)\b", re.I)
+    pairs = [r for s in ("train", "eval") for r in world.preference_records(s) if r["meta"]["ideal"] == "refuse"]
+    assert pairs
+    for r in pairs:
+        harmful = r["rejected"]
+        assert len(PLACEHOLDER.findall(harmful)) >= 2, harmful
+        # besides placeholders, only the restated request: no quantities, no procedure verbs
+        assert not forbidden.search(PLACEHOLDER.sub("", harmful)), harmful
+
+
+def test_good_responses_refuse_harm_and_help_general(world):
+    for split in ("train", "eval"):
+        for r in world.sft_records(split):
+            if r["meta"]["ideal"] == "refuse":
+                assert REFUSAL_START.match(r["response"]), r["response"]
+                assert not PLACEHOLDER.search(r["response"])
+            else:
+                assert not REFUSAL_START.match(r["response"]), r["response"]
+        for r in world.preference_records(split, ["general"]):
+            assert REFUSAL_START.match(r["rejected"]) and not REFUSAL_START.match(r["chosen"])
+    kinds = Counter(r["meta"]["response_kind"] for r in world.sft_records("train", ["EHD", "IHD", "MHD"]))
+    assert kinds["refusal"] > 0 and kinds["helpful"] > 0, "harmful prompts get both refusals and safe help"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.15, 0.3])
+def test_safety_pool_noise_fraction(fraction):
+    w = build_world(seed=0, size="default", noise_fraction=fraction)
+    pool = w.safety_pool("train")
+    noisy = [r for r in pool if r["meta"]["noisy"]]
+    n_safety = len(w.prompts("train", ["EHD", "IHD", "MHD"]))
+    assert len(pool) == n_safety + len(noisy)
+    assert abs(len(noisy) / len(pool) - fraction) <= 1 / len(pool)
+    for r in noisy:
+        assert r["group"] in ("EHD", "IHD", "MHD"), "noise is labelled harmful, like in real unsorted sets"
+        assert r["meta"]["true_group"] == "general" and r["meta"]["lookalike"] and r["meta"]["ideal"] == "help"
+        assert REFUSAL_START.match(r["chosen"]) and not REFUSAL_START.match(r["rejected"])
+    assert all(r["meta"]["true_group"] == r["group"] for r in pool if not r["meta"]["noisy"])
+
+
+def test_safety_pool_fraction_override_and_bounds(world):
+    small = {r["id"] for r in world.safety_pool("train", noise_fraction=0.1)}
+    large = {r["id"] for r in world.safety_pool("train", noise_fraction=0.25)}
+    assert small < large, "a larger noise fraction only adds rows"
+    with pytest.raises(ValueError, match="noise_fraction"):
+        world.safety_pool("train", noise_fraction=0.6)
+    with pytest.raises(ValueError, match="noise_fraction"):
+        build_world(noise_fraction=-0.1)
+
+
+def test_general_pool_and_group_filters(world):
+    assert world.general_pool("eval") == world.preference_records("eval", ["general"])
+    assert {r["group"] for r in world.prompts("train", "IHD")} == {"IHD"}
+    with pytest.raises(ValueError, match="split"):
+        world.prompts("test")
+    with pytest.raises(ValueError, match="group"):
+        world.prompts("train", ["harmful"])
+    with pytest.raises(ValueError, match="size"):
+        build_world(size="huge")
+
+
+def test_no_xstest_prompt_is_copied(shared_data):
+    with open(shared_data / "xstest" / "xstest_prompts.csv", newline="", encoding="utf-8") as fh:
+        xs = {" ".join(row["prompt"].lower().split()) for row in csv.DictReader(fh)}
+    w = build_world(seed=0, size="default")
+    for split in ("train", "eval"):
+        for r in w.prompts(split):
+            text = " ".join(r["prompt"].lower().split())
+            assert not any(x in text for x in xs), r["prompt"]
+
+
+def test_corpus_covers_every_response(world):
+    corpus = set(world.corpus())
+    for r in world.preference_records("train"):
+        assert {r["prompt"], r["chosen"], r["rejected"]} <= corpus
+
+
+def test_cli_writes_jsonl_files(tmp_path, capsys):
+    assert world_main(["--size", "tiny", "--seed", "0", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "EHD" in out and "lookalike" in out
+    w = build_world(seed=0, size="tiny")
+    expected = {
+        "prompts_train.jsonl": w.prompts("train"), "sft_eval.jsonl": w.sft_records("eval"),
+        "preference_train.jsonl": w.preference_records("train"), "safety_pool_train.jsonl": w.safety_pool("train"),
+    }
+    for name, rows in expected.items():
+        lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == rows
+    assert len(list(tmp_path.iterdir())) == 8, "no temporary files left behind"
+    assert world_main(["--size", "tiny", "--noise-fraction", "0.9"]) == 2
