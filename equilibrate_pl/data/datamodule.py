@@ -1,0 +1,422 @@
+"""``SafetyDataModule``: load, categorize and FDC-mix general + safety data; serve each stage's batches.
+
+``setup()`` does the work once: load every source (or the built-in world), categorize safety rows
+when a categorizer is configured, hold out a validation set, mix (docs/DATA.md), convert to the
+stage's record kind and tokenize once. The train loader uses :class:`ResumableSampler`; its
+position travels in ``state_dict()`` (saved in Lightning checkpoints), so a resumed run continues
+with exactly the batch that would have come next.
+
+How the position is counted (the subtle part): under a Trainer it is the Trainer's own count of
+training batches of the current epoch (``fit_loop.epoch_loop.batch_progress.current.ready``).
+Counting what the DataLoader yields would be one batch ahead, because Lightning pre-fetches a
+batch to detect the end of an epoch. Without a Trainer, :class:`ResumableDataLoader` counts the
+batches it hands out in the main process. Either way worker processes never move the position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter
+from dataclasses import asdict
+from typing import Any, Literal
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from equilibrate_pl.data import mixing
+from equilibrate_pl.data.collate import EncodedDataset, build_collator
+from equilibrate_pl.data.loaders import DataSource, load_records
+from equilibrate_pl.data.sampler import ResumableDataLoader, ResumableSampler
+from equilibrate_pl.data.schema import Group
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["sft", "preference", "prompt"]
+_STATE_VERSION = 1
+
+
+def _record_kind(record: dict[str, Any]) -> str:
+    if "chosen" in record and "rejected" in record:
+        return "preference"
+    if "response" in record:
+        return "sft"
+    return "prompt"
+
+
+def to_stage_record(record: dict[str, Any], stage: str, where: str) -> dict[str, Any]:
+    """Convert a record to the kind ``stage`` trains on.
+
+    preference -> sft uses ``chosen`` as the response; anything -> prompt keeps the prompt. A
+    conversion that would have to invent a field (prompt -> sft, sft -> preference) raises.
+    """
+    kind = _record_kind(record)
+    base = {k: record[k] for k in ("id", "prompt", "group", "source", "meta") if k in record}
+    if stage == "prompt":
+        return base
+    if stage == "sft":
+        if kind == "sft":
+            return {**base, "response": record["response"]}
+        if kind == "preference":
+            return {**base, "response": record["chosen"]}
+    if stage == "preference" and kind == "preference":
+        out = {**base, "chosen": record["chosen"], "rejected": record["rejected"]}
+        for key in ("chosen_token_signal", "rejected_token_signal"):
+            if key in record:
+                out[key] = record[key]
+        return out
+    raise ValueError(
+        f"{where}: a {kind} record (id={record.get('id', '?')!r}) cannot feed the {stage!r} stage; "
+        f"set the source's kind (preference pairs serve every stage, SFT rows serve 'sft' and 'prompt')"
+    )
+
+
+def _hold_out(
+    pools: dict[str, list[dict[str, Any]]], n: int, seed: int, max_share: float
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Take up to ``n`` rows, as equal as possible across groups, at most ``max_share`` of a group.
+
+    Returns ``(held_out, rest)``; deterministic in ``seed``. Equal shares (not proportional) so
+    that the small safety groups have enough validation rows for per-group metrics.
+    """
+    rng = random.Random(f"{seed}:holdout")
+    shuffled = {g: rng.sample(rows, len(rows)) for g, rows in sorted(pools.items())}
+    caps = {g: int(len(rows) * max_share) for g, rows in shuffled.items()}
+    take = {g: 0 for g in shuffled}
+    # Round-robin one row at a time: equal shares, and a short group's share goes to the others.
+    while sum(take.values()) < n:
+        progressed = False
+        for g in shuffled:
+            if sum(take.values()) < n and take[g] < caps[g]:
+                take[g] += 1
+                progressed = True
+        if not progressed:
+            break
+    held = [r for g in shuffled for r in shuffled[g][: take[g]]]
+    rest = {g: shuffled[g][take[g] :] for g in shuffled}
+    return held, rest
+
+
+def _fingerprint(records: list[dict[str, Any]]) -> str:
+    digest = hashlib.sha1()
+    for r in records:
+        digest.update(f"{r.get('id', '')}\x1f{r.get('group', '')}\x1e".encode())
+    return digest.hexdigest()[:16]
+
+
+class _TrainLoader(ResumableDataLoader):
+    """The train loader; ``state_dict``/``load_state_dict`` delegate to the data module.
+
+    Having them tells Lightning the loader is resumable (no "not resumable" warning), and since they
+    return the module's Trainer-counted state, Lightning's copy in ``loops`` matches the module's.
+    """
+
+    def __init__(self, *args: Any, owner: "SafetyDataModule", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owner = owner
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._owner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._owner.load_state_dict(state)
+
+
+class SafetyDataModule(LightningDataModule):
+    """General + safety data, FDC-mixed, as SFT, preference or prompt batches (docs/DATA.md).
+
+    Args:
+        stage: batch kind: ``sft`` (input_ids/labels), ``preference`` (chosen/rejected) or
+            ``prompt`` (left-padded prompts for rollouts).
+        tokenizer: ``"builtin:tiny"``, a hub id or a local path (``data.tokenizer.load_tokenizer``).
+        general: general (helpfulness) data files; every row is used, labelled ``general``.
+        safety: safety data files, labelled per row or categorized on the fly (``categorizer``).
+        builtin_world: use the built-in synthetic world for a pool that has no files.
+        world_size: size of the built-in world, ``default`` or ``tiny`` (not the distributed
+            world size, which comes from the Trainer).
+        categorizer: ``None`` keeps the groups in the data; ``labels`` | ``rules`` |
+            ``classifier`` | ``judge`` re-categorizes every safety row (``data.fdc``).
+        categorizer_args: keyword arguments of ``data.fdc.build_categorizer``.
+        mix: ``ratio`` | ``quota`` | ``all`` (``data.mixing.mix``) or ``naive``
+            (``data.mixing.naive``: unsorted safety rows at ``naive_scale`` x the FDC budget).
+        ratios: general rows per ONE safety row of each group (default EHD 25, IHD 75, MHD 150).
+        quotas: rows per safety group for ``mix="quota"`` (default 10000 / 3000 / 1000).
+        naive_scale: multiple of the FDC ratio budget drawn by ``mix="naive"``.
+        replacement: upsample groups that have fewer rows than asked for (off: take all, report).
+        seed: mixing, hold-out and shuffling seed.
+        batch_size / eval_batch_size: per-process batch sizes of the train / val loaders.
+        num_workers: DataLoader worker processes (resume stays exact; see the module docstring).
+        max_length / max_prompt_length: token limits (``data.collate``).
+        val_size: validation rows: the world's eval split for the built-in world, else held out of
+            the loaded pools before mixing (equal shares per group, at most a quarter of a group).
+        on_bad_row: ``raise`` or ``skip`` (skipped rows are counted in ``describe()``).
+    """
+
+    def __init__(
+        self,
+        stage: Stage = "preference",
+        tokenizer: str = "builtin:tiny",
+        general: list[DataSource] | None = None,
+        safety: list[DataSource] | None = None,
+        builtin_world: bool = True,
+        world_size: Literal["default", "tiny"] = "default",
+        categorizer: str | None = None,
+        categorizer_args: dict[str, Any] | None = None,
+        mix: Literal["ratio", "quota", "all", "naive"] = "ratio",
+        ratios: dict[str, float] | None = None,
+        quotas: dict[str, int] | None = None,
+        naive_scale: float = 1.0,
+        replacement: bool = False,
+        seed: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        max_length: int = 256,
+        max_prompt_length: int = 128,
+        val_size: int = 64,
+        on_bad_row: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__()
+        if stage not in ("sft", "preference", "prompt"):
+            raise ValueError(f"stage must be 'sft', 'preference' or 'prompt', got {stage!r}")
+        if mix not in ("ratio", "quota", "all", "naive"):
+            raise ValueError(f"mix must be 'ratio', 'quota', 'all' or 'naive', got {mix!r}")
+        if batch_size < 1 or eval_batch_size < 1 or val_size < 0 or num_workers < 0:
+            raise ValueError("batch sizes must be >= 1, val_size and num_workers >= 0")
+        self.general = [s if isinstance(s, DataSource) else DataSource(**s) for s in general or []]
+        self.safety = [s if isinstance(s, DataSource) else DataSource(**s) for s in safety or []]
+        if not builtin_world and not (self.general and self.safety):
+            raise ValueError("builtin_world=False needs both `general` and `safety` data sources")
+        self.stage_kind = stage
+        self.tokenizer_name = tokenizer
+        self.builtin_world, self.world_size = builtin_world, world_size
+        self.categorizer, self.categorizer_args = categorizer, dict(categorizer_args or {})
+        self.mix_mode, self.ratios, self.quotas = mix, ratios, quotas
+        self.naive_scale, self.replacement, self.seed = naive_scale, replacement, seed
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.val_size, self.on_bad_row = val_size, on_bad_row
+        # Plain types only in hparams: checkpoints stay loadable with weights_only=True.
+        self.save_hyperparameters(ignore=["general", "safety"])
+        self.hparams["general"] = [asdict(s) for s in self.general]
+        self.hparams["safety"] = [asdict(s) for s in self.safety]
+
+        self.tokenizer: Any = None
+        self.mix_result: mixing.MixResult | None = None
+        self.train_records: list[dict[str, Any]] = []
+        self.val_records: list[dict[str, Any]] = []
+        self.train_dataset: EncodedDataset | None = None
+        self.val_dataset: EncodedDataset | None = None
+        self._sources: list[str] = []
+        self._notes: list[str] = []
+        self._fingerprint = ""
+        self._sampler: ResumableSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Rank 0 only: build the tiny tokenizer's cache once instead of racing on every rank.
+        from equilibrate_pl.data.tokenizer import load_tokenizer
+
+        load_tokenizer(self.tokenizer_name)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, categorize, hold out, mix, convert and tokenize (once; later calls return)."""
+        if self.train_dataset is not None:
+            return
+        from equilibrate_pl.data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        general, safety, val_pool = self._load_pools()
+        if self.categorizer is not None:
+            safety = self._categorize(safety)
+        if val_pool is None:  # files: hold validation rows out before mixing
+            # Keyed by pool too: a safety row labelled `general` (a look-alike) must stay a safety
+            # row, not join the general data.
+            pools = {"general": general, **{f"safety/{g}": rows for g, rows in _group_pools(safety).items()}}
+            val, rest = _hold_out(pools, self.val_size, self.seed, max_share=0.25)
+            general = rest.pop("general")
+            safety = [r for rows in rest.values() for r in rows]
+        else:
+            val, _ = _hold_out(_group_pools(val_pool), self.val_size, self.seed, max_share=1.0)
+        if self.mix_mode == "naive":
+            result = mixing.naive(
+                general, safety, scale=self.naive_scale, seed=self.seed, replacement=self.replacement
+            )
+        else:
+            result = mixing.mix(
+                general, safety, mode=self.mix_mode, ratios=self.ratios, quotas=self.quotas,
+                replacement=self.replacement, seed=self.seed,
+            )
+        self.mix_result = result
+        self.train_records = [to_stage_record(r, self.stage_kind, "train data") for r in result.records]
+        self.val_records = [to_stage_record(r, self.stage_kind, "validation data") for r in val]
+        collator = self._collator()
+        self.train_dataset = EncodedDataset(self.train_records, collator)
+        self.val_dataset = EncodedDataset(self.val_records, collator)
+        self._fingerprint = _fingerprint(self.train_records)
+        log.info("%s", self.describe())
+
+    def _load_pools(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]] | None]:
+        world = None
+        if self.builtin_world and not (self.general and self.safety):
+            from equilibrate_pl.data.world import build_world
+
+            world = build_world(seed=self.seed, size=self.world_size)
+        if self.general:
+            general = []
+            for src in self.general:
+                rows = self._load(src, "general")
+                relabelled = sum(1 for r in rows if r.get("group") != Group.GENERAL.value)
+                if relabelled:
+                    self._notes.append(
+                        f"{src.path}: {relabelled} rows with a safety label read as general (general sources are general)"
+                    )
+                general.extend({**r, "group": Group.GENERAL.value} for r in rows)
+        else:
+            general = world.general_pool("train")
+            self._sources.append(f"general: built-in world ({self.world_size}, seed {self.seed}), train split, {len(general)} rows")
+        if self.safety:
+            safety = [r for src in self.safety for r in self._load(src, "safety")]
+        else:
+            safety = world.safety_pool("train")
+            self._sources.append(f"safety: built-in world unsorted pool, train split, {len(safety)} rows")
+        # The world's eval split is disjoint from train by construction: validate on it, with true labels.
+        val_pool = world.preference_records("eval") if world is not None and not (self.general or self.safety) else None
+        return general, safety, val_pool
+
+    def _load(self, src: DataSource, pool: str) -> list[dict[str, Any]]:
+        natural = {"sft": "sft", "preference": "preference", "prompt": "prompt"}[self.stage_kind]
+        kind = src.kind if src.kind is not None else (None if src.preset else natural)
+        result = load_records(src, kind, on_bad_row=self.on_bad_row)
+        counts = ", ".join(f"{g} {n}" for g, n in sorted(result.group_counts().items()))
+        skipped = f", {len(result.skipped)} rows skipped" if result.skipped else ""
+        self._sources.append(f"{pool}: {src.path} ({len(result.records)} rows: {counts}{skipped})")
+        if result.skipped:
+            self._notes.append(result.summary())
+        return result.records
+
+    def _categorize(self, safety: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from equilibrate_pl.data.fdc import build_categorizer
+
+        categorizer = build_categorizer(self.categorizer, **self.categorizer_args)
+        before = Counter(r.get("group") for r in safety)
+        out = categorizer.categorize_records(safety)
+        after = Counter(r["group"] for r in out)
+        changed = sum(1 for a, b in zip(safety, out) if a.get("group") != b["group"])
+        self._notes.append(
+            f"categorizer {self.categorizer!r}: {dict(sorted(after.items()))} "
+            f"({changed} of {len(out)} labels changed from {dict(sorted((str(k), v) for k, v in before.items()))}; "
+            f"{getattr(categorizer, 'fallbacks', 0)} fallbacks)"
+        )
+        return out
+
+    def _collator(self) -> Any:
+        return build_collator(self.stage_kind, self.tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+
+    # -- loaders -----------------------------------------------------------------------------
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        self.setup()
+        assert self.train_dataset is not None
+        trainer = self._trainer_or_none()
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._sampler = ResumableSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+        return _TrainLoader(
+            self.train_dataset, sampler=self._sampler, batch_size=self.batch_size, collate_fn=self._collator(),
+            num_workers=self.num_workers, owner=self,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        assert self.val_dataset is not None
+        if len(self.val_dataset) == 0:
+            return []
+        return DataLoader(
+            self.val_dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self._collator(),
+            num_workers=self.num_workers,
+        )
+
+    def _trainer_or_none(self) -> Any:
+        return getattr(self, "trainer", None)
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def _trainer_batches(self) -> int | None:
+        """Training batches of the current epoch the Trainer has taken, or None without a fit."""
+        trainer = self._trainer_or_none()
+        if trainer is None or trainer.state.fn != "fit":
+            return None
+        loop = trainer.fit_loop
+        loaders = loop._combined_loader.flattened if loop._combined_loader is not None else []
+        if not any(dl is not None and getattr(dl, "sampler", None) is self._sampler for dl in loaders):
+            return None  # our loader is not the one being trained on
+        return int(loop.epoch_loop.batch_progress.current.ready)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler epoch and position (samples of this rank's shard consumed) + a data fingerprint."""
+        if self._sampler is None:
+            return dict(self._pending_state) if self._pending_state is not None else {}
+        sampler = self._sampler.state_dict()
+        batches = self._trainer_batches()
+        if batches is not None:
+            sampler["position"] = min(batches * self.batch_size, self._sampler.num_samples)
+        return {"version": _STATE_VERSION, "sampler": sampler, "fingerprint": self._fingerprint}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from ``state_dict`` (applied now, or when the train loader is built)."""
+        if not state_dict:
+            return
+        if state_dict.get("version") != _STATE_VERSION or "sampler" not in state_dict:
+            raise ValueError(f"not a SafetyDataModule state (version {state_dict.get('version')!r})")
+        self._pending_state = dict(state_dict)
+        if self._sampler is not None:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        assert self._sampler is not None
+        if state.get("fingerprint") and state["fingerprint"] != self._fingerprint:
+            raise ValueError(
+                "cannot resume: the training data differ from the checkpoint's (fingerprint "
+                f"{state['fingerprint']} vs {self._fingerprint}); use the same sources, mix and seed"
+            )
+        self._sampler.load_state_dict(state["sampler"])
+
+    # -- report ------------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """The mix: rows per group, share of the total, requested/available, sources and notes."""
+        self.setup()
+        assert self.mix_result is not None
+        res = self.mix_result
+        how = {
+            "ratio": "ratio (general rows per safety row: "
+            + ", ".join(f"{g} {r:g}" for g, r in (self.ratios or mixing.DEFAULT_RATIOS).items()) + ")",
+            "quota": "quota (" + ", ".join(f"{g} {q}" for g, q in (self.quotas or mixing.DEFAULT_QUOTAS).items()) + ")",
+            "all": "all rows",
+            "naive": f"naive (unsorted safety rows, {self.naive_scale:g} x the FDC ratio budget)",
+        }[self.mix_mode]
+        val_counts = Counter(r["group"] for r in self.val_records)
+        lines = [
+            f"SafetyDataModule: stage={self.stage_kind}, mix={how}, seed={self.seed}",
+            *("  source " + s for s in self._sources),
+            res.table(),
+            f"val: {len(self.val_records)} rows ("
+            + ", ".join(f"{g} {val_counts[g]}" for g in sorted(val_counts, key=mixing._group_order)) + ")",
+        ]
+        lines += ["note: " + n for n in self._notes + res.notes]
+        return "\n".join(lines)
+
+
+def _group_pools(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    pools: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        pools.setdefault(Group.parse(r["group"]).value, []).append(r)
+    return pools
+
+
+__all__ = ["SafetyDataModule", "to_stage_record"]
