@@ -1,0 +1,108 @@
+"""`equilibrate eval`: generate with one or more models on a suite, judge, and write a report.
+
+    equilibrate eval --model builtin:tiny --suite builtin --output runs/eval
+    equilibrate eval --model sft=runs/sft/hf --model adpo=runs/adpo/hf --suite xstest \
+        --judge http:http://localhost:8000 --judge-model meta-llama/Llama-Guard-3-1B \
+        --judge-mode conversation --output runs/eval-xstest
+
+Writes `results.jsonl`, `metrics.json`, `report.md` and PNG plots to `--output` (see
+`equilibrate_pl.eval.report`); prints the metrics table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="equilibrate eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH_OR_ID",
+                   help="model to evaluate (repeat for side-by-side): builtin:tiny, a hub id or a directory")
+    p.add_argument("--suite", default="builtin",
+                   help="builtin | xstest[:PATH] | beavertails-fdc[:PATH] | a JSONL/JSON/CSV/Parquet file (default: builtin)")
+    p.add_argument("--judge", default="refusal", help="refusal | reward:PATH | llm:PATH | http:URL (default: refusal)")
+    p.add_argument("--judge-model", help="served model name (http judge)")
+    p.add_argument("--judge-mode", choices=("judge", "conversation"),
+                   help="http judge: send the judge prompt (default) or the dialogue (Llama Guard)")
+    p.add_argument("--judge-api-key-env", help="environment variable with the API key (http judge; default OPENAI_API_KEY)")
+    p.add_argument("--judge-timeout", type=float, help="seconds per request (http judge)")
+    p.add_argument("--judge-retries", type=int, help="retries after a failed or malformed answer (http / llm judge)")
+    p.add_argument("--judge-threshold", type=float, help="reward judge: safe iff score >= threshold (default 0)")
+    p.add_argument("--reward", metavar="PATH", help="reward model scoring helpfulness on benign prompts")
+    p.add_argument("--reference", metavar="NAME", help="model the win rate is measured against (default: the first)")
+    p.add_argument("--limit", type=int, help="evaluate a seeded random subset of N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _model_specs(values: list[str]) -> dict[str, str]:
+    specs: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = value, value
+        if not name or not path:
+            raise ValueError(f"--model {value!r}: expected PATH or NAME=PATH")
+        if name in specs:
+            raise ValueError(f"--model: the name {name!r} is used twice; name them NAME=PATH")
+        specs[name] = path
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        specs = _model_specs(args.model)
+    except ValueError as err:
+        print(f"equilibrate eval: {err}", file=sys.stderr)
+        return 2
+
+    from equilibrate_pl.eval.judges import build_judge, load_reward_scorer
+    from equilibrate_pl.eval.report import evaluate_models
+    from equilibrate_pl.eval.suites import load_suite
+    from equilibrate_pl.models import load_causal_lm
+
+    try:
+        suite = load_suite(args.suite, seed=args.seed)
+        kind = args.judge.partition(":")[0]
+        options: dict = {}
+        if kind == "http":
+            options = {"model": args.judge_model, "mode": args.judge_mode, "api_key_env": args.judge_api_key_env,
+                       "timeout": args.judge_timeout, "retries": args.judge_retries}
+        elif kind == "llm":
+            options = {"retries": args.judge_retries}
+        elif kind == "reward":
+            options = {"threshold": args.judge_threshold}
+        judge = build_judge(args.judge, **options)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"equilibrate eval: {err}", file=sys.stderr)
+        return 2
+    print(suite.describe())
+    helpfulness_fn = load_reward_scorer(args.reward) if args.reward else None
+    loaders = {name: (lambda path=path: load_causal_lm(path, dtype=args.dtype, padding_side="left")) for name, path in specs.items()}
+    result = evaluate_models(
+        loaders, suite, judge, helpfulness_fn=helpfulness_fn, reference=args.reference, limit=args.limit,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    paths = result.write(args.output)
+    print(result.table())
+    print(f"judge failures {judge.failures}, fallbacks {judge.fallbacks}")
+    print(f"report: {paths['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
