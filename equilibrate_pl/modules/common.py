@@ -494,3 +494,44 @@ def log_per_group(module: LightningModule, prefix: str, values: torch.Tensor, gr
         return
     for g, (mean, count) in group_means(values, groups).items():
         module.log(f"{prefix}/{g}", mean, batch_size=count, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def export_hf(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLike[str], merge_lora: bool = True) -> Path:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face directory (safetensors), atomically.
+
+    With ``merge_lora`` a peft model is merged into a plain model on a COPY (the live model keeps
+    training); without it only the adapter is written (``adapter_config.json`` +
+    ``adapter_model.safetensors``), which ``load_causal_lm`` merges onto its base when loading.
+    The directory is written next to its final place and renamed, so a crash never leaves half of it.
+    """
+    import copy
+    import shutil
+
+    from peft import PeftModel
+
+    out = Path(directory)
+    if isinstance(model, PeftModel) and merge_lora:
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            raise ValueError(
+                "cannot merge LoRA into a 4/8-bit base without losing precision; export the adapter "
+                "(merge_lora=False) and merge it onto the full-precision base"
+            )
+        model = copy.deepcopy(model).merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

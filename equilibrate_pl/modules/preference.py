@@ -1,0 +1,500 @@
+"""DPO and ADPO (DPO with the AMA token mask, METHOD.md section 3).
+
+The step, in order (each a small method a subclass can override):
+
+1. :meth:`policy_token_logprobs` — one forward over chosen and rejected stacked into one batch.
+2. :meth:`reference_token_logprobs` — the frozen reference (a copy, or the policy with its LoRA
+   adapter disabled), from the on-disk cache when ``precompute_reference`` is on.
+3. :meth:`compute_token_signal` — r_t per response token: dense reward-model rewards, the implicit
+   reward beta*(log pi - log pi_ref), or a per-token column of the data.
+4. :meth:`compute_masks` — ``algorithms.ama.adpo_masks`` (chosen keeps r_t > b, rejected r_t < b).
+5. :meth:`compute_loss` — the masked per-token sums of policy AND reference enter ``dpo_loss``.
+
+Alignment of positions (the easy place for an off-by-one): ``token_logprobs`` entry t is the
+log-prob of token t+1, while ``dense_rewards`` and the data's ``*_token_signal`` hold token t's value
+at position t; both are therefore shifted by one (``[:, 1:]``) before they meet the log-probs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader
+
+from equilibrate_pl.algorithms.ama import adpo_masks, kept_fraction
+from equilibrate_pl.algorithms.dpo import dpo_loss
+from equilibrate_pl.algorithms.logprobs import sequence_logprobs, token_logprobs
+from equilibrate_pl.algorithms.rewards import dense_rewards
+from equilibrate_pl.modules.common import (
+    ModelSettings,
+    NonFiniteGuard,
+    OptimSettings,
+    atomic_torch_save,
+    build_causal_lm,
+    check_tokenizers_match,
+    coerce_settings,
+    configure_adamw,
+    export_hf,
+    log_per_group,
+    rank_max,
+    save_plain_hyperparameters,
+)
+from equilibrate_pl.modules.reward import IGNORE_INDEX, stack_pairs
+
+log = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+
+
+@dataclass
+class AMASettings:
+    """Adaptive Message-wise Alignment for DPO (ADPO).
+
+    Args:
+        enabled: mask the per-token log-probs; ``False`` is exactly DPO.
+        token_signal: ``dense_reward`` (differences of a reward model's prefix scores; needs
+            ``reward_model``), ``implicit`` (beta*(log pi - log pi_ref) per token, detached), or
+            ``field`` (the batch's ``chosen_token_signal`` / ``rejected_token_signal``).
+        baseline: ``zero`` or ``batch_mean`` (mean signal over every real response token of the
+            batch, chosen and rejected together).
+    """
+
+    enabled: bool = False
+    token_signal: Literal["dense_reward", "implicit", "field"] = "implicit"
+    baseline: Literal["zero", "batch_mean"] = "zero"
+
+    def __post_init__(self) -> None:
+        if self.token_signal not in ("dense_reward", "implicit", "field"):
+            raise ValueError(f"ama.token_signal must be dense_reward, implicit or field, got {self.token_signal!r}")
+        if self.baseline not in ("zero", "batch_mean"):
+            raise ValueError(f"ama.baseline must be zero or batch_mean, got {self.baseline!r}")
+
+
+class PreferenceModule(LightningModule):
+    """DPO / ADPO on preference batches (``chosen_*`` / ``rejected_*``, right padded).
+
+    Args:
+        model: the policy to load (``ModelSettings``); usually the SFT output.
+        optim: AdamW and schedule.
+        beta: DPO temperature.
+        label_smoothing: conservative-DPO label noise (0 = plain DPO).
+        ama: ADPO settings (``AMASettings``); disabled = DPO.
+        reference: ``copy`` (a frozen second copy of the starting weights) or
+            ``adapter_disabled`` (the policy's base with its LoRA adapter switched off; needs
+            ``model.lora``; no second copy in memory).
+        reward_model: a saved scalar-head model (``equilibrate export`` of the RM stage); needed for
+            ``ama.token_signal: dense_reward``. Its tokenizer must match the policy's.
+        precompute_reference: compute reference log-probs (and dense rewards) for every train and
+            validation row once before training and keep them on disk; the reference model is then
+            not run in the training steps.
+        cache_dir: where the cache lives (default ``<trainer.default_root_dir>/reference_cache``).
+        max_nonfinite_steps: stop after this many non-finite losses in a row.
+    """
+
+    def __init__(
+        self,
+        model: ModelSettings | None = None,
+        optim: OptimSettings | None = None,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        ama: AMASettings | None = None,
+        reference: Literal["copy", "adapter_disabled"] = "copy",
+        reward_model: str | None = None,
+        precompute_reference: bool = False,
+        cache_dir: str | None = None,
+        max_nonfinite_steps: int = 3,
+    ) -> None:
+        super().__init__()
+        self.model_settings: ModelSettings = coerce_settings(ModelSettings, model) or ModelSettings()
+        self.optim: OptimSettings = coerce_settings(OptimSettings, optim) or OptimSettings(lr=1e-5)
+        self.ama: AMASettings = coerce_settings(AMASettings, ama) or AMASettings()
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        if reference not in ("copy", "adapter_disabled"):
+            raise ValueError(f"reference must be 'copy' or 'adapter_disabled', got {reference!r}")
+        if reference == "adapter_disabled" and self.model_settings.lora is None:
+            raise ValueError("reference='adapter_disabled' needs a LoRA policy (model.lora); use reference='copy'")
+        uses_rm = self.ama.enabled and self.ama.token_signal == "dense_reward"
+        if uses_rm and not reward_model:
+            raise ValueError("ama.token_signal='dense_reward' needs reward_model: the path of a trained reward model")
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self.reference_mode, self.reward_model_path = reference, reward_model
+        self.precompute_reference, self.cache_dir = precompute_reference, cache_dir
+        save_plain_hyperparameters(
+            self, model=self.model_settings, optim=self.optim, beta=beta, label_smoothing=label_smoothing,
+            ama=self.ama, reference=reference, reward_model=reward_model,
+            precompute_reference=precompute_reference, cache_dir=cache_dir, max_nonfinite_steps=max_nonfinite_steps,
+        )
+
+        self.model, self.tokenizer = build_causal_lm(self.model_settings)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
+        self.reference: torch.nn.Module | None = None
+        if reference == "copy":
+            self.reference = self._load_frozen_reference()
+        else:
+            from equilibrate_pl.models import check_adapter_reference
+
+            check_adapter_reference(self.model)  # fails now, not after hours, if disabling is not the base
+        self.reward_model: torch.nn.Module | None = None
+        if uses_rm:
+            self.reward_model = self._load_reward_model(reward_model)  # type: ignore[arg-type]
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache_file: Path | None = None
+
+    # -- models ----------------------------------------------------------------------------
+
+    def _load_frozen_reference(self) -> torch.nn.Module:
+        from equilibrate_pl.models import freeze, load_causal_lm
+
+        s = self.model_settings
+        quant = s.loader_kwargs()["quant"]
+        reference, _ = load_causal_lm(s.name_or_path, dtype=s.dtype, quant=quant, trust_remote_code=s.trust_remote_code)
+        return freeze(reference)
+
+    def _load_reward_model(self, path: str) -> torch.nn.Module:
+        from equilibrate_pl.models import freeze, load_scalar_model
+
+        reward_model, reward_tokenizer = load_scalar_model(
+            path, dtype=self.model_settings.dtype, init_from_causal_lm=False,
+            trust_remote_code=self.model_settings.trust_remote_code,
+        )
+        check_tokenizers_match(self.tokenizer, reward_tokenizer, names=("policy", "reward model"))
+        return freeze(reward_model)
+
+    def train(self, mode: bool = True) -> "PreferenceModule":
+        """Lightning puts the whole module in train mode; the frozen models stay in eval (no dropout)."""
+        super().train(mode)
+        for frozen in (self.reference, self.reward_model):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- the step, piece by piece ----------------------------------------------------------
+
+    def stack(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Chosen rows then rejected rows as one (2B, L) batch (see ``reward.stack_pairs``)."""
+        keys = ("input_ids", "attention_mask", "labels")
+        if "chosen_token_signal" in batch:
+            keys += ("token_signal",)
+        return stack_pairs(batch, self.tokenizer.pad_token_id, keys=keys)
+
+    def policy_token_logprobs(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B, L-1) policy log-probs of the response tokens (entry t: token t+1)."""
+        logits = self.model(input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"], use_cache=False).logits
+        return token_logprobs(logits, pairs["labels"], pairs["labels"] != IGNORE_INDEX)
+
+    @torch.no_grad()
+    def reference_token_logprobs(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B, L-1) reference log-probs, same layout as :meth:`policy_token_logprobs`."""
+        kwargs = dict(input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"], use_cache=False)
+        if self.reference is not None:
+            logits = self.reference(**kwargs).logits
+        else:
+            with self.model.disable_adapter():
+                logits = self.model(**kwargs).logits
+        return token_logprobs(logits, pairs["labels"], pairs["labels"] != IGNORE_INDEX)
+
+    @torch.no_grad()
+    def dense_reward_signal(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B, L-1) reward-model dense rewards aligned to the log-prob positions."""
+        from equilibrate_pl.models import position_scores
+
+        if self.reward_model is None:
+            raise RuntimeError("dense_reward signal needs a reward model (set reward_model)")
+        scores = position_scores(self.reward_model, pairs["input_ids"], pairs["attention_mask"])
+        dense = dense_rewards(scores, pairs["labels"] != IGNORE_INDEX)  # entry t: reward of token t
+        return dense[:, 1:]  # -> entry t: reward of token t+1, like token_logprobs
+
+    def compute_token_signal(
+        self, batch: dict[str, Any], pairs: dict[str, torch.Tensor], policy_logps: torch.Tensor,
+        reference_logps: torch.Tensor, precomputed: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """(2B, L-1) per-token signal r_t for the AMA mask; override to plug in your own."""
+        kind = self.ama.token_signal
+        if kind == "implicit":
+            return self.beta * (policy_logps.detach() - reference_logps)
+        if kind == "dense_reward":
+            if "signal" in precomputed:
+                return precomputed["signal"]
+            return self.dense_reward_signal(pairs)
+        if "token_signal" not in pairs:
+            raise ValueError(
+                "ama.token_signal='field' but the batch has no chosen_token_signal / rejected_token_signal; "
+                "add per-token signal columns to the preference data"
+            )
+        return pairs["token_signal"][:, 1:].float()
+
+    def compute_masks(self, signal: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(keep (2B, L-1) or None, fallbacks (2B,))``: the ADPO masks, or None with AMA off."""
+        if not self.ama.enabled:
+            return None, torch.zeros(token_mask.shape[0], dtype=torch.bool, device=token_mask.device)
+        signal_c, signal_r = signal.chunk(2)
+        mask_c, mask_r = token_mask.chunk(2)
+        (keep_c, keep_r), fb_c, fb_r = adpo_masks(
+            signal_c, mask_c, signal_r, mask_r, baseline=self.ama.baseline, return_fallbacks=True
+        )
+        return torch.cat([keep_c, keep_r]), torch.cat([fb_c, fb_r])
+
+    def compute_loss(self, batch: dict[str, Any], split: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(mean loss, stats)``: DPO on the (masked) sums of policy and reference log-probs."""
+        pairs = self.stack(batch)
+        token_mask = (pairs["labels"] != IGNORE_INDEX)[:, 1:]
+        precomputed = self.reference_values(batch, pairs, split)
+        reference_logps = precomputed["reference"]
+        policy_logps = self.policy_token_logprobs(pairs)
+        keep, fallbacks = None, torch.zeros(token_mask.shape[0], dtype=torch.bool, device=token_mask.device)
+        if self.ama.enabled:
+            signal = self.compute_token_signal(batch, pairs, policy_logps, reference_logps, precomputed)
+            keep, fallbacks = self.compute_masks(signal, token_mask)
+        policy_sums = sequence_logprobs(policy_logps, keep)
+        reference_sums = sequence_logprobs(reference_logps, keep)
+        pc, pr = policy_sums.chunk(2)
+        rc, rr = reference_sums.chunk(2)
+        losses = dpo_loss(pc, pr, rc, rr, self.beta, self.label_smoothing)
+        kept = keep if keep is not None else token_mask
+        mask_c, mask_r = token_mask.chunk(2)
+        keep_c, keep_r = kept.chunk(2)
+        fb_c, fb_r = fallbacks.chunk(2)
+        stats = {
+            "rewards_chosen": (self.beta * (pc - rc)).detach(),
+            "rewards_rejected": (self.beta * (pr - rr)).detach(),
+            "logps_chosen": pc.detach(),
+            "logps_rejected": pr.detach(),
+            "kept_chosen": kept_fraction(keep_c, mask_c),
+            "kept_rejected": kept_fraction(keep_r, mask_r),
+            "fallbacks_chosen": fb_c.sum(),
+            "fallbacks_rejected": fb_r.sum(),
+        }
+        return losses.mean(), stats
+
+    # -- reference values: computed per step, or once and cached ----------------------------
+
+    def reference_values(self, batch: dict[str, Any], pairs: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+        """``{"reference": (2B, L-1), "signal": (2B, L-1) if dense rewards}`` for this batch.
+
+        From the cache when every row is there (matched by split, dataset index and a hash of its
+        tokens), else computed now (and added to the cache when caching is on).
+        """
+        need_signal = self.ama.enabled and self.ama.token_signal == "dense_reward"
+        if self.precompute_reference and "index" in batch:
+            cached = self._from_cache(batch, pairs, split, need_signal)
+            if cached is not None:
+                return cached
+        out = {"reference": self.reference_token_logprobs(pairs)}
+        if need_signal:
+            out["signal"] = self.dense_reward_signal(pairs)
+        if self.precompute_reference and "index" in batch:
+            self._to_cache(batch, pairs, split, out)
+        return out
+
+    def _row_keys(self, batch: dict[str, Any], pairs: dict[str, torch.Tensor], split: str) -> list[tuple[str, str, int, int]]:
+        """Per row: (cache key, token hash, chosen length, rejected length)."""
+        b = batch["index"].shape[0]
+        ids, attn = pairs["input_ids"].cpu(), pairs["attention_mask"].cpu()
+        lengths = attn.sum(-1).tolist()
+        rows = []
+        for i in range(b):
+            h = hashlib.blake2b(digest_size=12)
+            for r in (i, b + i):
+                h.update(ids[r, : lengths[r]].numpy().astype(np.int64).tobytes())
+                h.update(b"|")
+            rows.append((f"{split}/{int(batch['index'][i])}", h.hexdigest(), lengths[i], lengths[b + i]))
+        return rows
+
+    def _from_cache(self, batch: dict[str, Any], pairs: dict[str, torch.Tensor], split: str, need_signal: bool) -> dict[str, torch.Tensor] | None:
+        rows = self._row_keys(batch, pairs, split)
+        entries = []
+        for key, digest, _, _ in rows:
+            entry = self._cache.get(key)
+            if entry is None or entry["hash"] != digest or (need_signal and "signal_chosen" not in entry):
+                return None
+            entries.append(entry)
+        b, width = len(rows), pairs["input_ids"].shape[1] - 1
+        out = {"reference": torch.zeros(2 * b, width)}
+        if need_signal:
+            out["signal"] = torch.zeros(2 * b, width)
+        for i, entry in enumerate(entries):
+            for name, target in (("reference", "ref"), ("signal", "signal")):
+                if name not in out:
+                    continue
+                c, r = entry[f"{target}_chosen"], entry[f"{target}_rejected"]
+                out[name][i, : c.numel()] = c
+                out[name][b + i, : r.numel()] = r
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def _to_cache(self, batch: dict[str, Any], pairs: dict[str, torch.Tensor], split: str, values: dict[str, torch.Tensor]) -> None:
+        b = batch["index"].shape[0]
+        for i, (key, digest, len_c, len_r) in enumerate(self._row_keys(batch, pairs, split)):
+            # A row of n real tokens has n-1 log-prob positions; padding beyond is zero by construction.
+            entry = {"hash": digest,
+                     "ref_chosen": values["reference"][i, : len_c - 1].float().cpu().clone(),
+                     "ref_rejected": values["reference"][b + i, : len_r - 1].float().cpu().clone()}
+            if "signal" in values:
+                entry["signal_chosen"] = values["signal"][i, : len_c - 1].float().cpu().clone()
+                entry["signal_rejected"] = values["signal"][b + i, : len_r - 1].float().cpu().clone()
+            self._cache[key] = entry
+
+    def cache_fingerprint(self) -> str:
+        """What the cached values depend on: the reference weights, the reward model, the signal kind."""
+        from equilibrate_pl.models import resolve_model_path
+
+        def weights_id(name: str | None) -> Any:
+            if name is None:
+                return None
+            path = Path(resolve_model_path(name))
+            if path.is_dir():  # a local directory: its weight files' sizes and times change when retrained
+                return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(path.glob("*.safetensors"))]
+            return str(name)
+
+        s = self.model_settings
+        info = {
+            "version": _CACHE_VERSION, "policy": s.name_or_path, "weights": weights_id(s.name_or_path), "dtype": s.dtype,
+            "quant": s.quant, "reference": self.reference_mode,
+            "reward_model": self.reward_model_path if self.ama.token_signal == "dense_reward" else None,
+            "reward_weights": weights_id(self.reward_model_path) if self.ama.token_signal == "dense_reward" else None,
+            "vocab": len(self.tokenizer),
+        }
+        return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _cache_path(self) -> Path:
+        root = Path(self.cache_dir) if self.cache_dir else Path(self.trainer.default_root_dir) / "reference_cache"
+        return root / f"reference-{self.cache_fingerprint()}.pt"
+
+    def _load_cache_file(self, path: Path) -> None:
+        if path.is_file():
+            data = torch.load(path, weights_only=True, map_location="cpu")
+            if data.get("version") == _CACHE_VERSION:
+                self._cache.update(data["rows"])
+                log.info("reference cache: %d rows from %s", len(data["rows"]), path)
+
+    def _save_cache_file(self, path: Path) -> None:
+        atomic_torch_save({"version": _CACHE_VERSION, "rows": self._cache}, path)
+
+    @torch.no_grad()
+    def precompute(self, dataloaders: dict[str, DataLoader]) -> int:
+        """Fill the cache for every row of ``{split: loader}``; returns the number of rows computed.
+
+        Rows already cached (same tokens) are skipped, so a resumed run or a second run on the same
+        data computes nothing.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        computed, start = 0, time.perf_counter()
+        try:
+            for split, loader in dataloaders.items():
+                for batch in loader:
+                    batch = self._move(batch)
+                    pairs = self.stack(batch)
+                    need_signal = self.ama.enabled and self.ama.token_signal == "dense_reward"
+                    if self._from_cache(batch, pairs, split, need_signal) is not None:
+                        continue
+                    self.reference_values(batch, pairs, split)
+                    computed += batch["index"].shape[0]
+        finally:
+            self.model.train(was_training)
+        log.info("reference cache: computed %d rows in %.1fs", computed, time.perf_counter() - start)
+        return computed
+
+    def _move(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def on_fit_start(self) -> None:
+        if self.precompute_reference:
+            self._cache_file = self._cache_path()
+            self._load_cache_file(self._cache_file)
+
+    def on_train_start(self) -> None:
+        """Precompute before the first step (after Lightning built the loaders; rank 0 writes the file)."""
+        if not self.precompute_reference:
+            return
+        trainer = self.trainer
+        loaders: dict[str, DataLoader] = {}
+        sources = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
+        for split, dl in sources.items():
+            if isinstance(dl, (list, tuple)):
+                dl = dl[0] if dl else None
+            if isinstance(dl, DataLoader):
+                # A plain sequential pass over the same dataset and collate: the training sampler
+                # (and its resumable position) is not touched.
+                loaders[split] = DataLoader(dl.dataset, batch_size=dl.batch_size or 1, collate_fn=dl.collate_fn, shuffle=False)
+        assert self._cache_file is not None
+        if trainer.is_global_zero:
+            if self.precompute(loaders):
+                self._save_cache_file(self._cache_file)
+        trainer.strategy.barrier("reference_cache")
+        if not trainer.is_global_zero:
+            self._load_cache_file(self._cache_file)
+
+    # -- Lightning hooks -------------------------------------------------------------------
+
+    def _log_stats(self, split: str, batch: dict[str, Any], loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        bs = stats["rewards_chosen"].shape[0]
+        sync = split == "val"
+        margin = stats["rewards_chosen"] - stats["rewards_rejected"]
+        correct = (margin > 0).float()
+        values = {
+            "loss": loss,
+            "accuracy": correct.mean(),
+            "rewards_chosen": stats["rewards_chosen"].mean(),
+            "rewards_rejected": stats["rewards_rejected"].mean(),
+            "margin": margin.mean(),
+            "logps_chosen": stats["logps_chosen"].mean(),
+            "logps_rejected": stats["logps_rejected"].mean(),
+            "kept_chosen": stats["kept_chosen"],
+            "kept_rejected": stats["kept_rejected"],
+        }
+        for name, value in values.items():
+            self.log(f"{split}/{name}", value, batch_size=bs, sync_dist=sync, prog_bar=name in ("loss", "margin"))
+        for name in ("fallbacks_chosen", "fallbacks_rejected"):
+            self.log(f"{split}/{name}", stats[name].float(), batch_size=bs, reduce_fx="sum", sync_dist=sync)
+        log_per_group(self, f"{split}/margin_group", margin, batch.get("group"))
+        log_per_group(self, f"{split}/accuracy_group", correct, batch.get("group"))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        loss, stats = self.compute_loss(batch, "train")
+        if not self.guard.check(loss, step=self.global_step, sync=rank_max(self)):
+            self.log("train/skipped_steps", float(self.guard.total_skipped), batch_size=stats["rewards_chosen"].shape[0])
+            return None
+        self._log_stats("train", batch, loss, stats)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, stats = self.compute_loss(batch, "val")
+        self._log_stats("val", batch, loss, stats)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_adamw(self, self.model, self.optim)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Only the trained policy: the frozen reference and reward model are reloaded from their paths."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return {k: v for k, v in state.items() if not k.startswith((f"{prefix}reference.", f"{prefix}reward_model."))}
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        own = {k: v for k, v in super().state_dict().items() if k.startswith(("reference.", "reward_model."))}
+        return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_guard"] = self.guard.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "nonfinite_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["nonfinite_guard"])
+
+    def export(self, directory: str, merge_lora: bool = True) -> None:
+        """The trained policy as a Hugging Face directory (what the eval and PPO stages load)."""
+        export_hf(self.model, self.tokenizer, directory, merge_lora=merge_lora)
