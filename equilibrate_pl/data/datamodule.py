@@ -6,11 +6,10 @@ stage's record kind and tokenize once. The train loader uses :class:`ResumableSa
 position travels in ``state_dict()`` (saved in Lightning checkpoints), so a resumed run continues
 with exactly the batch that would have come next.
 
-How the position is counted (the subtle part): under a Trainer it is the Trainer's own count of
-training batches of the current epoch (``fit_loop.epoch_loop.batch_progress.current.ready``).
-Counting what the DataLoader yields would be one batch ahead, because Lightning pre-fetches a
-batch to detect the end of an epoch. Without a Trainer, :class:`ResumableDataLoader` counts the
-batches it hands out in the main process. Either way worker processes never move the position.
+The position is counted by the train loader in the main process (batches handed out), so worker
+processes and their prefetching never move it; under a Trainer this equals the Trainer's own batch
+count (checked by tests/data/test_datamodule.py, which resumes from checkpoints written inside
+``on_train_batch_end`` and at the end of an epoch).
 """
 
 from __future__ import annotations
@@ -108,8 +107,8 @@ def _fingerprint(records: list[dict[str, Any]]) -> str:
 class _TrainLoader(ResumableDataLoader):
     """The train loader; ``state_dict``/``load_state_dict`` delegate to the data module.
 
-    Having them tells Lightning the loader is resumable (no "not resumable" warning), and since they
-    return the module's Trainer-counted state, Lightning's copy in ``loops`` matches the module's.
+    Having them tells Lightning the loader is resumable (no "not resumable" warning on a mid-epoch
+    resume); Lightning's copy of the state (under ``loops``) is then the module's own.
     """
 
     def __init__(self, *args: Any, owner: "SafetyDataModule", **kwargs: Any) -> None:
@@ -346,26 +345,11 @@ class SafetyDataModule(LightningDataModule):
 
     # -- resume ------------------------------------------------------------------------------
 
-    def _trainer_batches(self) -> int | None:
-        """Training batches of the current epoch the Trainer has taken, or None without a fit."""
-        trainer = self._trainer_or_none()
-        if trainer is None or trainer.state.fn != "fit":
-            return None
-        loop = trainer.fit_loop
-        loaders = loop._combined_loader.flattened if loop._combined_loader is not None else []
-        if not any(dl is not None and getattr(dl, "sampler", None) is self._sampler for dl in loaders):
-            return None  # our loader is not the one being trained on
-        return int(loop.epoch_loop.batch_progress.current.ready)
-
     def state_dict(self) -> dict[str, Any]:
         """Sampler epoch and position (samples of this rank's shard consumed) + a data fingerprint."""
         if self._sampler is None:
             return dict(self._pending_state) if self._pending_state is not None else {}
-        sampler = self._sampler.state_dict()
-        batches = self._trainer_batches()
-        if batches is not None:
-            sampler["position"] = min(batches * self.batch_size, self._sampler.num_samples)
-        return {"version": _STATE_VERSION, "sampler": sampler, "fingerprint": self._fingerprint}
+        return {"version": _STATE_VERSION, "sampler": self._sampler.state_dict(), "fingerprint": self._fingerprint}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from ``state_dict`` (applied now, or when the train loader is built)."""

@@ -1,19 +1,21 @@
 """A deterministic, distributed sampler that resumes exactly where a run stopped.
 
-Why not a library: ``torch.utils.data.DistributedSampler`` shards well but has no position;
-``torchdata``'s ``StatefulDataLoader`` is not in our stack, and under Lightning both it and
-Lightning's own "stateful dataloader" hook save the count of batches the *loader* yielded, which is
-one batch ahead of the trainer (Lightning's fetcher pre-fetches a batch to detect the end of the
-epoch), so a resumed run would skip a batch. We therefore keep the sharding of
-``DistributedSampler`` (this class subclasses it, so the permutation, padding and rank split are
-exactly torch's, and Lightning does not wrap it again) and add only a position:
+Why not a library: ``torch.utils.data.DistributedSampler`` shards well but has no position.
+``torchdata``'s ``StatefulDataLoader`` snapshots samplers and per-worker state; it is an extra
+dependency, and for a map-style dataset with an order that is a pure function of
+``(seed, epoch)`` the whole state is one integer. Lightning saves ``state_dict()`` of a
+``LightningDataModule`` (and of any train loader that has one) in its checkpoints, which is the
+hook we use. So we keep the sharding of ``DistributedSampler`` (this class subclasses it: the
+permutation, padding and rank split are exactly torch's, and Lightning does not wrap it again)
+and add only a position:
 
 - ``epoch``: selects the permutation (``seed + epoch``, as in torch);
 - ``position``: how many of this rank's samples of ``epoch`` were consumed. ``__iter__`` yields
   the rank's shard from ``position`` on. Nothing inside the sampler advances it, because
-  DataLoader workers and prefetching pull indices long before the trainer sees a batch; the
-  consumer advances it (:class:`ResumableDataLoader` counts batches it hands out in the main
-  process; :class:`~equilibrate_pl.data.datamodule.SafetyDataModule` uses the Trainer's count).
+  DataLoader workers prefetch indices long before the caller gets a batch; the consumer
+  advances it: :class:`ResumableDataLoader` counts the batches it hands out, in the main process.
+  (Lightning pulls exactly one batch per training step from a loader that has a length; it
+  pre-fetches only from unsized iterables, so this count equals the Trainer's.)
 
 ``__len__`` stays the full shard length even after a resume, so ``len(loader)`` and Lightning's
 epoch bookkeeping (which continues its batch counter from the checkpoint) agree.

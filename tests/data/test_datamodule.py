@@ -1,0 +1,225 @@
+"""SafetyDataModule end to end: mix counts, batch formats, exact resume (with workers, under a
+Trainer, across epochs) and a 2-process ddp_spawn run where each rank gets its own shard."""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import islice
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from equilibrate_pl.data import SafetyDataModule
+from equilibrate_pl.data.collate import IGNORE_INDEX
+from equilibrate_pl.data.loaders import DataSource
+from equilibrate_pl.data.world import build_world
+
+
+def tiny_module(**kwargs) -> SafetyDataModule:
+    defaults = dict(world_size="tiny", batch_size=8, eval_batch_size=16, max_length=96, max_prompt_length=48, val_size=16)
+    return SafetyDataModule(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def preference_dm(equilibrate_cache) -> SafetyDataModule:
+    dm = tiny_module()
+    dm.setup()
+    return dm
+
+
+def batches(dm: SafetyDataModule, n: int | None = None) -> list[dict]:
+    return list(islice(iter(dm.train_dataloader()), n))
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    def key(batch):
+        return (batch["index"].tolist(), batch["chosen_input_ids"].tolist(), batch["group"])
+
+    return [key(x) for x in a] == [key(x) for x in b]
+
+
+def test_mix_counts_follow_the_paper_ratios(preference_dm):
+    world = build_world(seed=0, size="tiny")
+    n_general = len(world.general_pool("train"))
+    counts = preference_dm.mix_result.counts
+    for group, ratio in {"EHD": 25, "IHD": 75, "MHD": 150}.items():
+        assert counts.get(group, 0) == math.floor(n_general / ratio + 0.5)
+    assert counts["general"] == n_general
+    assert len(preference_dm.train_dataset) == sum(counts.values())
+    text = preference_dm.describe()
+    for needle in ("EHD", "IHD", "MHD", "general", "share", "built-in world", "val: 16 rows"):
+        assert needle in text
+
+
+def test_preference_batches(preference_dm):
+    epoch = batches(preference_dm)
+    first = epoch[0]
+    assert set(first) >= {"chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
+                          "rejected_attention_mask", "rejected_labels", "group", "index"}
+    assert first["chosen_input_ids"].shape == first["chosen_labels"].shape == first["chosen_attention_mask"].shape
+    assert first["chosen_input_ids"].shape[0] == 8 and len(first["group"]) == 8
+    # One epoch = every row once; each batch row's group is its record's group.
+    all_idx = torch.cat([b["index"] for b in epoch]).tolist()
+    assert sorted(all_idx) == list(range(len(preference_dm.train_dataset)))
+    groups = [g for b in epoch for g in b["group"]]
+    assert {"EHD", "IHD", "MHD", "general"} <= set(groups)
+    for i, g in zip(all_idx, groups):
+        assert preference_dm.train_records[i]["group"] == g
+    val = next(iter(preference_dm.val_dataloader()))
+    assert val["chosen_input_ids"].shape[0] == 16 and {"EHD", "IHD", "MHD"} <= set(val["group"])
+
+
+def test_sft_and_prompt_stages(equilibrate_cache):
+    sft = tiny_module(stage="sft")
+    b = batches(sft, 1)[0]
+    eos = sft.tokenizer.eos_token_id
+    for labels, mask in zip(b["labels"], b["attention_mask"]):
+        real = labels[mask.bool()]
+        assert real[-1] == eos  # the eos closes every (untruncated) response and is labelled
+    rec = sft.train_records[b["index"][0]]
+    assert rec["response"]  # chosen became the response
+    prompts = tiny_module(stage="prompt", mix="quota", quotas={"EHD": 3, "IHD": 2, "MHD": 1})
+    p = batches(prompts, 1)[0]
+    assert set(p) >= {"input_ids", "attention_mask", "prompt_text", "group", "index"}
+    assert (p["attention_mask"][:, -1] == 1).all()  # left padding
+    assert prompts.mix_result.counts["EHD"] == 3 and prompts.mix_result.counts["MHD"] == 1
+
+
+def test_resume_continues_with_the_exact_next_batches(preference_dm, equilibrate_cache):
+    uninterrupted = batches(preference_dm)
+    for k in (0, 3, len(uninterrupted) - 1):
+        dm = tiny_module()
+        taken = batches(dm, k)
+        state = dm.state_dict()
+        fresh = tiny_module()
+        fresh.load_state_dict(state)
+        assert same_batches(taken + batches(fresh), uninterrupted)
+    # A finished epoch resumes at the start of the next one (a different permutation).
+    dm = tiny_module()
+    batches(dm)
+    fresh = tiny_module()
+    fresh.load_state_dict(dm.state_dict())
+    nxt = batches(fresh)
+    ref = tiny_module()
+    loader = ref.train_dataloader()
+    list(loader)
+    assert same_batches(nxt, list(loader))
+
+
+def test_workers_give_the_same_batches_and_resume_exactly(preference_dm, equilibrate_cache):
+    serial = batches(preference_dm)
+    dm = tiny_module(num_workers=2)
+    it = iter(dm.train_dataloader())
+    taken = [next(it) for _ in range(4)]  # the workers have prefetched more than this
+    state = dm.state_dict()
+    assert state["sampler"]["position"] == 4 * 8
+    del it
+    fresh = tiny_module(num_workers=2)
+    fresh.load_state_dict(state)
+    assert same_batches(taken + batches(fresh), serial)
+
+
+def test_other_data_refuse_to_resume(preference_dm, equilibrate_cache):
+    state = preference_dm.state_dict() or {"version": 1, "sampler": {"epoch": 0, "position": 0}, "fingerprint": "x"}
+    other = tiny_module(seed=1)
+    other.load_state_dict({**state, "fingerprint": "0000"})
+    with pytest.raises(ValueError, match="training data differ"):
+        other.train_dataloader()
+
+
+class IndexRecorder(pl.LightningModule):
+    """Trains nothing useful: records the row indices of every training batch it sees."""
+
+    def __init__(self, out_dir: str | None = None) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[int] = []
+        self.out_dir = out_dir
+
+    def training_step(self, batch, batch_idx):
+        self.seen.extend(batch["index"].tolist())
+        return (self.w * batch["chosen_input_ids"].float().mean()).sum()
+
+    def configure_optimizers(self):
+        # Schedulers read this; it makes Lightning build the train loader early, before the
+        # checkpoint's loop state is restored (a path where resumable loaders have lost state).
+        assert self.trainer.estimated_stepping_batches > 0
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def on_train_end(self) -> None:
+        if self.out_dir is not None:
+            Path(self.out_dir, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_trainer_resume_from_mid_and_end_of_epoch_checkpoints(tmp_path, equilibrate_cache):
+    # Checkpoints written inside on_train_batch_end (mid-epoch and on the last batch of an epoch),
+    # with a worker process prefetching: the resumed run must see exactly the rest of the run.
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    full = IndexRecorder()
+    dm = tiny_module(num_workers=1)
+    trainer(tmp_path, max_epochs=2, callbacks=[ckpt], enable_checkpointing=True).fit(full, datamodule=dm)
+    per_epoch = len(dm.train_dataloader())
+    assert len(full.seen) == 2 * len(dm.train_dataset)
+    n = len(dm.train_dataset)
+    for k in (5, per_epoch, per_epoch + 5):  # mid epoch 0, end of epoch 0, mid epoch 1
+        step_rows = sum(min(8, n - 8 * (b % per_epoch)) for b in range(k))
+        path = tmp_path / "ckpt" / f"step={k}.ckpt"
+        saved = torch.load(path, weights_only=True)["SafetyDataModule"]["sampler"]
+        # What the module saved is what the Trainer had consumed in that epoch.
+        assert (saved["epoch"], saved["position"]) == ((k - 1) // per_epoch, step_rows - n * ((k - 1) // per_epoch))
+        resumed = IndexRecorder()
+        trainer(tmp_path, max_epochs=2, enable_checkpointing=False).fit(resumed, datamodule=tiny_module(), ckpt_path=str(path))
+        assert resumed.seen == full.seen[step_rows:], f"resume after step {k}"
+
+
+def test_ddp_spawn_two_ranks_cover_the_dataset_once(tmp_path, equilibrate_cache):
+    out = tmp_path / "seen"
+    out.mkdir()
+    dm = tiny_module()
+    t = trainer(tmp_path, devices=2, strategy="ddp_spawn", max_epochs=1, enable_checkpointing=False)
+    t.fit(IndexRecorder(str(out)), datamodule=dm)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    dm.setup()
+    n = len(dm.train_dataset)
+    assert len(ranks[0]) == len(ranks[1]) == math.ceil(n / 2)
+    union = ranks[0] + ranks[1]
+    assert set(union) == set(range(n))  # nothing lost
+    assert len(union) - n == n % 2  # nothing repeated beyond torch's documented padding
+
+
+def test_file_sources_holdout_and_skips(tmp_path, equilibrate_cache):
+    world = build_world(seed=0, size="tiny")
+    gen, saf = tmp_path / "general.jsonl", tmp_path / "safety.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in world.general_pool("train")))
+    rows = world.safety_pool("train")
+    saf.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"prompt": "x", "group": "EHD"}) + "\n")
+    dm = tiny_module(builtin_world=False, general=[DataSource(str(gen))], safety=[DataSource(str(saf))],
+                     on_bad_row="skip", val_size=20, mix="all")
+    dm.setup()
+    text = dm.describe()
+    assert "general.jsonl" in text and "safety.jsonl" in text and "1 rows skipped" in text
+    train_ids = {r["id"] for r in dm.train_records}
+    val_ids = {r["id"] for r in dm.val_records}
+    assert len(val_ids) == 20 and not train_ids & val_ids
+    assert len(train_ids | val_ids) == len(world.general_pool("train")) + len(rows)  # mode "all": nothing lost
+    with pytest.raises(ValueError, match="builtin_world=False needs"):
+        SafetyDataModule(builtin_world=False, general=[DataSource(str(gen))])
+
+
+def test_rules_categorizer_relabels_the_unsorted_pool(equilibrate_cache):
+    dm = tiny_module(categorizer="rules", mix="all")
+    dm.setup()
+    assert any(n.startswith("categorizer 'rules'") for n in dm._notes)
+    world = build_world(seed=0, size="tiny")
+    noisy = {r["id"] for r in world.safety_pool("train") if r["meta"]["noisy"]}
+    relabelled = [r for r in dm.train_records if r["id"] in noisy]
+    assert relabelled and any(r["group"] == "general" for r in relabelled)
