@@ -18,7 +18,7 @@ EXPLICIT = re.compile(
     r"\b(bomb|gun|rifle|napalm|thermite|molotov|grenade|flamethrower|crossbow|meth|cocaine|fentanyl|heroin|"
     r"lsd|ecstasy|ricin|gas|cyanide|arsenic|poison|ransomware|keylogger|virus|botnet|phishing|spyware|hack\w*|"
     r"crack|launder|counterfeit|smuggle|drugs?|sedative|detonator|silencer|kill\w*|shoot|steal|"
-    r"oxycodone|rohypnol|strychnine|thallium|antifreeze|pills)\b",
+    r"oxycodone|rohypnol|strychnine|thallium|antifreeze|pills|explosive|shotgun)\b",
     re.I,
 )
 REFUSAL_START = re.compile(r"^(I can't|I'm sorry|Sorry|I won't|I'm not able)")
