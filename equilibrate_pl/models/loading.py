@@ -200,6 +200,7 @@ def load_pretrained(
             attn_implementation=attn_implementation, config=config, output_loading_info=True,
         )
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        model.requires_grad_(True)  # PeftModel.from_pretrained froze the base; a merged model is a normal one
         return (model, info) if output_loading_info else model
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype(dtype)}
@@ -346,8 +347,8 @@ def check_adapter_reference(model: nn.Module) -> None:
     """Raise `ReferenceModelError` unless disabling the adapter of `model` gives its base model.
 
     Checks, inside `model.disable_adapter()`, that every peft layer reports itself disabled, including
-    `modules_to_save` copies: peft < 0.8 kept running the trained copy of a `modules_to_save` layer
-    with the adapter disabled, so the "reference" silently carried the trained head/embedding (PITFALLS
+    `modules_to_save` copies: peft <= 0.4 kept running the trained copy of a `modules_to_save` layer
+    with the adapter disabled (huggingface/peft#493, fixed by #736), so the "reference" silently carried the trained head/embedding (PITFALLS
     #6). Also refuses a model with several adapters, whose base would include none of them.
     """
     from peft import PeftModel
