@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from collections import Counter
 
@@ -28,6 +29,11 @@ PLACEHOLDER = re.compile(r"\[[a-z ]+\]")
 @pytest.fixture(scope="module")
 def world():
     return build_world(seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def default_world():
+    return build_world(seed=0, size="default")
 
 
 def _all_records(w):
@@ -69,9 +75,8 @@ def test_prompts_are_unique_and_train_eval_are_disjoint(world):
     assert not set(noise) & set(train), "noise look-alikes are extra prompts, not copies with flipped labels"
 
 
-def test_slot_fillers_do_not_cross_splits():
-    w = build_world(seed=0, size="default")
-    text = {s: " ".join(r["prompt"].lower() for r in w.prompts(s)) for s in ("train", "eval")}
+def test_slot_fillers_do_not_cross_splits(default_world):
+    text = {s: " ".join(r["prompt"].lower() for r in default_world.prompts(s)) for s in ("train", "eval")}
     for task, _, _ in GENERAL_TASKS + LOOKALIKE_TASKS:
         assert not (task.lower() in text["train"] and task.lower() in text["eval"]), task
     for item, _ in RISKY_ITEMS:
@@ -105,18 +110,17 @@ def test_lookalikes_are_general_helpful_and_carry_risky_words(world):
                                                          r"fight|break|knock|bleed|bombing)\w*", r["prompt"], re.I), r["prompt"]
 
 
-def test_groups_carry_their_cues():
-    w = build_world(seed=0, size="default")
+def test_groups_carry_their_cues(default_world):
     for split in ("train", "eval"):
-        for r in w.prompts(split, ["IHD"]):
+        for r in default_world.prompts(split, ["IHD"]):
             assert not EXPLICIT.search(r["prompt"]), r["prompt"]
             assert re.search(r"\bmy \w+", r["prompt"], re.I)
-        for r in w.prompts(split, ["EHD"]):
+        for r in default_world.prompts(split, ["EHD"]):
             assert EXPLICIT.search(r["prompt"]), r["prompt"]
             assert not re.search(r"\bmy\b", r["prompt"]), r["prompt"]
-        for r in w.prompts(split, ["MHD"]):
+        for r in default_world.prompts(split, ["MHD"]):
             assert EXPLICIT.search(r["prompt"]) and re.search(r"\bmy \w+", r["prompt"], re.I), r["prompt"]
-        for r in w.prompts(split, ["general"]):
+        for r in default_world.prompts(split, ["general"]):
             if not r["meta"]["lookalike"]:
                 assert not re.search(r"\b(bomb|gun|meth|poison|hack|kill|shoot|drug)", r["prompt"], re.I), r["prompt"]
 
@@ -182,12 +186,11 @@ def test_general_pool_and_group_filters(world):
         build_world(size="huge")
 
 
-def test_no_xstest_prompt_is_copied(shared_data):
+def test_no_xstest_prompt_is_copied(shared_data, default_world):
     with open(shared_data / "xstest" / "xstest_prompts.csv", newline="", encoding="utf-8") as fh:
         xs = {" ".join(row["prompt"].lower().split()) for row in csv.DictReader(fh)}
-    w = build_world(seed=0, size="default")
     for split in ("train", "eval"):
-        for r in w.prompts(split):
+        for r in default_world.prompts(split):
             text = " ".join(r["prompt"].lower().split())
             assert not any(x in text for x in xs), r["prompt"]
 
@@ -212,3 +215,50 @@ def test_cli_writes_jsonl_files(tmp_path, capsys):
         assert [json.loads(line) for line in lines] == rows
     assert len(list(tmp_path.iterdir())) == 8, "no temporary files left behind"
     assert world_main(["--size", "tiny", "--noise-fraction", "0.9"]) == 2
+
+
+def test_question_frames_do_not_reveal_the_group(default_world):
+    from equilibrate_pl.data.world import FRAMES
+
+    patterns = [re.compile(re.escape(f).replace(r"\{x\}", ".+") + r"(?: Thanks!| Please keep it short\.)?$", re.I)
+                for f in FRAMES]
+    for split in ("train", "eval"):
+        used: dict[str, set[int]] = {}
+        for r in default_world.prompts(split):
+            hits = [i for i, p in enumerate(patterns) if p.search(r["prompt"])]
+            assert hits, r["prompt"]
+            used.setdefault(r["group"], set()).update(hits)
+        assert len({frozenset(v) for v in used.values()}) == 1, f"{split}: groups use different frames {used}"
+
+
+def test_a_bag_of_words_model_generalises_from_train_to_eval(default_world):
+    """The world is learnable from its lexical cues, not from template wording.
+
+    Bernoulli naive Bayes on word presence, fit on train prompts, must predict the ideal action
+    (refuse / help) on the disjoint eval prompts well above chance (measured: 0.84-0.90 over seeds
+    0-4). When the question wording differed between groups this fell to ~0.65, because every
+    eval general prompt used a frame seen only in harmful train prompts.
+    """
+
+    def words(text):
+        return set(re.findall(r"[a-z']+", text.lower()))
+
+    counts = {True: Counter(), False: Counter()}
+    n = Counter()
+    for r in default_world.prompts("train"):
+        y = r["meta"]["ideal"] == "refuse"
+        n[y] += 1
+        counts[y].update(words(r["prompt"]))
+    vocab = set(counts[True]) | set(counts[False])
+
+    def log_joint(text, y):
+        return math.log(n[y]) + sum(math.log((counts[y][t] + 1) / (n[y] + 2)) for t in words(text) & vocab)
+
+    right: dict[str, list[bool]] = {}
+    for r in default_world.prompts("eval"):
+        pred = log_joint(r["prompt"], True) > log_joint(r["prompt"], False)
+        kind = "lookalike" if r["meta"]["lookalike"] else r["group"]
+        right.setdefault(kind, []).append(pred == (r["meta"]["ideal"] == "refuse"))
+    overall = sum(map(sum, right.values())) / sum(map(len, right.values()))
+    assert overall >= 0.8, right
+    assert all(sum(v) / len(v) >= 0.55 for v in right.values()), {k: sum(v) / len(v) for k, v in right.items()}
