@@ -25,6 +25,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from equilibrate_pl.models.loading import LoraSettings, QuantSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -52,19 +54,21 @@ class ModelSettings:
 
     name_or_path: str = "builtin:tiny"
     dtype: str = "float32"
-    lora: dict[str, Any] | None = None
-    quant: dict[str, Any] | None = None
+    lora: LoraSettings | None = None
+    quant: QuantSettings | None = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        self.lora = _coerce(LoraSettings, self.lora)
+        self.quant = _coerce(QuantSettings, self.quant)
+
     def loader_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``load_causal_lm`` / ``load_scalar_model``."""
-        from equilibrate_pl.models import LoraSettings, QuantSettings
-
         return dict(
             dtype=self.dtype,
-            lora=_coerce(LoraSettings, self.lora),
-            quant=_coerce(QuantSettings, self.quant),
+            lora=self.lora,
+            quant=self.quant,
             gradient_checkpointing=self.gradient_checkpointing,
             trust_remote_code=self.trust_remote_code,
         )
@@ -128,6 +132,11 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def module_class_path(module: LightningModule) -> str:
+    """``package.module.Class`` of a LightningModule, stored in checkpoints for ``equilibrate export``."""
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def save_plain_hyperparameters(module: LightningModule, **hparams: Any) -> None:

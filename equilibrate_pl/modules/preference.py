@@ -46,6 +46,7 @@ from equilibrate_pl.modules.common import (
     configure_adamw,
     export_hf,
     log_per_group,
+    module_class_path,
     rank_max,
     save_plain_hyperparameters,
 )
@@ -160,8 +161,7 @@ class PreferenceModule(LightningModule):
         from equilibrate_pl.models import freeze, load_causal_lm
 
         s = self.model_settings
-        quant = s.loader_kwargs()["quant"]
-        reference, _ = load_causal_lm(s.name_or_path, dtype=s.dtype, quant=quant, trust_remote_code=s.trust_remote_code)
+        reference, _ = load_causal_lm(s.name_or_path, dtype=s.dtype, quant=s.quant, trust_remote_code=s.trust_remote_code)
         return freeze(reference)
 
     def _load_reward_model(self, path: str) -> torch.nn.Module:
@@ -490,6 +490,7 @@ class PreferenceModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_guard"] = self.guard.state_dict()
+        checkpoint["equilibrate_module"] = module_class_path(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "nonfinite_guard" in checkpoint:

@@ -23,6 +23,7 @@ from equilibrate_pl.modules.common import (
     configure_adamw,
     export_hf,
     log_per_group,
+    module_class_path,
     rank_max,
     save_plain_hyperparameters,
 )
@@ -152,6 +153,7 @@ class RewardModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_guard"] = self.guard.state_dict()
+        checkpoint["equilibrate_module"] = module_class_path(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "nonfinite_guard" in checkpoint:

@@ -16,6 +16,7 @@ from equilibrate_pl.modules.common import (
     coerce_settings,
     configure_adamw,
     log_per_group,
+    module_class_path,
     rank_max,
     save_plain_hyperparameters,
 )
@@ -93,6 +94,7 @@ class SFTModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_guard"] = self.guard.state_dict()
+        checkpoint["equilibrate_module"] = module_class_path(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "nonfinite_guard" in checkpoint:

@@ -1,0 +1,109 @@
+"""`equilibrate sft|rm|dpo|ppo` — LightningCLI programs, one per training stage.
+
+    equilibrate dpo fit --config configs/dpo/tiny.yaml
+    equilibrate dpo fit --config configs/dpo/tiny.yaml --trainer.max_steps 2
+    equilibrate dpo fit --config configs/dpo/tiny.yaml --print_config
+    equilibrate dpo fit --config configs/dpo/tiny.yaml --ckpt_path runs/dpo/checkpoints/last.ckpt   # resume
+
+Each stage pairs its LightningModule with ``SafetyDataModule`` (the batch kind set for the stage,
+the tokenizer linked to the model's ``name_or_path``). The model is given in subclass mode
+(``model.class_path``), so your own subclass of a stage module plugs in from the YAML. Every run
+writes checkpoints atomically (:class:`AtomicCheckpointIO`) and keeps the RNG streams in them
+(:class:`RNGStateCallback`); unknown keys in a config are rejected by jsonargparse with the key named.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+
+def _checkpoint_io_given(plugins: Any) -> bool:
+    from lightning.fabric.plugins import CheckpointIO
+
+    items = plugins if isinstance(plugins, (list, tuple)) else [plugins]
+    return any(isinstance(p, CheckpointIO) for p in items if p is not None)
+
+
+class EquilibrateCLI(LightningCLI):
+    """LightningCLI with the project's defaults: data stage + tokenizer link, atomic checkpoints, RNG resume."""
+
+    def __init__(self, *args: Any, data_stage: str, model_link: str | None, **kwargs: Any) -> None:
+        self._data_stage = data_stage
+        self._model_link = model_link
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.set_defaults({"data.stage": self._data_stage})
+        if self._model_link is not None:
+            # The data must be tokenized by the model's own tokenizer: one setting, not two to keep in sync.
+            parser.link_arguments(f"model.init_args.{self._model_link}", "data.tokenizer")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        from equilibrate_pl.modules.common import AtomicCheckpointIO, RNGStateCallback
+
+        plugins = config.get("plugins")
+        if not _checkpoint_io_given(plugins):
+            given = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            config["plugins"] = given + [AtomicCheckpointIO()]
+        if not any(isinstance(c, RNGStateCallback) for c in callbacks + list(config.get("callbacks") or [])):
+            callbacks = [*callbacks, RNGStateCallback()]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _link_for(module_class: type) -> str | None:
+    """Which init argument holds the model settings whose ``name_or_path`` names the tokenizer."""
+    params = inspect.signature(module_class.__init__).parameters
+    for name in ("model", "actor", "policy"):
+        if name in params:
+            return f"{name}.name_or_path"
+    return None
+
+
+def run_stage(module_class: type, data_stage: str, argv: list[str] | None, description: str) -> int:
+    """Run one stage's LightningCLI on ``argv`` (``fit``/``validate``/... plus options)."""
+    from equilibrate_pl.data import SafetyDataModule
+
+    EquilibrateCLI(
+        module_class,
+        SafetyDataModule,
+        subclass_mode_model=True,
+        data_stage=data_stage,
+        model_link=_link_for(module_class),
+        args=argv,
+        auto_configure_optimizers=False,  # each module builds AdamW + schedule from its `optim` settings
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": description, "default_env": False},
+    )
+    return 0
+
+
+def sft(argv: list[str] | None = None) -> int:
+    """`equilibrate sft`: supervised fine-tuning on prompt/response pairs."""
+    from equilibrate_pl.modules.sft import SFTModule
+
+    return run_stage(SFTModule, "sft", argv, "Supervised fine-tuning (response tokens only).")
+
+
+def rm(argv: list[str] | None = None) -> int:
+    """`equilibrate rm`: Bradley-Terry reward model."""
+    from equilibrate_pl.modules.reward import RewardModule
+
+    return run_stage(RewardModule, "preference", argv, "Reward model (Bradley-Terry, scores every position).")
+
+
+def dpo(argv: list[str] | None = None) -> int:
+    """`equilibrate dpo`: DPO, or ADPO with `model.init_args.ama.enabled: true`."""
+    from equilibrate_pl.modules.preference import PreferenceModule
+
+    return run_stage(PreferenceModule, "preference", argv, "DPO / ADPO (DPO with the AMA token mask).")
+
+
+def ppo(argv: list[str] | None = None) -> int:
+    """`equilibrate ppo`: PPO / APPO / GRPO / RLOO (PolicyModule)."""
+    from equilibrate_pl.modules.policy import PolicyModule  # imported lazily: large, and written separately
+
+    return run_stage(PolicyModule, "prompt", argv, "PPO / APPO / GRPO / RLOO on prompt batches.")

@@ -1,0 +1,890 @@
+"""``PolicyModule``: PPO / APPO (and critic-free GRPO / RLOO) as a LightningModule.
+
+One ``training_step`` = one PPO iteration on a batch of prompts:
+
+1. **generation** — ``generate`` with the KV cache (FSDP2 weights gathered once, see
+   :func:`~equilibrate_pl.modules.rollout.gathered_for_generation`), on the module's own RNG stream;
+2. **scoring** — actor and reference log-probs, critic values, reward-model scores at the last real
+   token and per-prefix (dense) scores, all in one forward pass per model;
+3. **advantages** — per-token rewards (score on the last token minus ``kl_coef * KL``), GAE or a
+   group estimator, optional whitening, and the APPO mask (METHOD.md section 3);
+4. **update** — ``ppo_epochs`` passes over minibatches: clipped policy loss on the (APPO-)masked
+   tokens, entropy bonus, clipped value loss on every response token, gradient clipping, separate
+   actor and critic optimizers.
+
+Each stage is a small method (``compute_scores``, ``compute_rewards``, ``compute_advantages``,
+``token_signal``, ``policy_mask``) so a subclass changes one thing (e.g. adds a length penalty in
+``compute_rewards``) without copying ``training_step``.
+
+Distributed: every reduction that defines the update (whitening statistics, the batch-mean
+baseline, loss normalisers, the KL fed to the adaptive controller) is taken over ALL ranks, so an
+FSDP2/DDP run on N processes computes the same update as one process holding the global batch
+(tested on CPU with gloo).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from equilibrate_pl.algorithms.ama import appo_mask, kept_fraction
+from equilibrate_pl.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from equilibrate_pl.algorithms.logprobs import token_logprobs
+from equilibrate_pl.algorithms.ppo import (
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    group_advantages,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from equilibrate_pl.algorithms.rewards import dense_rewards
+from equilibrate_pl.data.schema import GROUP_NAMES
+from equilibrate_pl.modules.common import (
+    ModelSettings,
+    NonFiniteGuard,
+    OptimSettings,
+    check_tokenizers_match,
+    coerce_settings,
+    configure_adamw,
+    save_plain_hyperparameters,
+)
+from equilibrate_pl.modules.rollout import (
+    Rollout,
+    RolloutRNG,
+    disable_dropout,
+    gathered_for_generation,
+    is_sharded,
+    position_ids_from_mask,
+    response_mask,
+    shard_module,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling of rollouts.
+
+    Args:
+        max_new_tokens: responses longer than this are cut and flagged ``truncated``.
+        do_sample: ``False`` is greedy decoding (deterministic; used by the distributed test).
+        temperature, top_k, top_p: sampling filters (``top_k=0`` / ``top_p=1`` disable them). PPO's
+            old log-probs are those of the unfiltered policy, so filtering makes rollouts slightly
+            off-policy; keep the defaults unless you know you want that.
+        missing_eos_penalty: subtracted from the score of a truncated response (PITFALLS #4;
+            torchtune uses 3.0). 0 scores truncated responses like any other.
+    """
+
+    max_new_tokens: int = 32
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    missing_eos_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class PPOSettings:
+    """The PPO update (defaults from "The N+ Implementation Details of RLHF with PPO").
+
+    Args:
+        ppo_epochs: passes over each rollout batch.
+        minibatch_size: rows per optimizer step, per process (the batch is split into
+            ``ceil(batch / minibatch_size)`` minibatches, shuffled each epoch).
+        clip: policy ratio clip epsilon.
+        value_clip: value clip around the rollout values (``None``: no clipping).
+        gamma, lam: GAE discount and lambda.
+        whiten_advantages: normalise advantages over the batch (TRL, OpenRLHF) or not (safe-rlhf).
+        value_coef: weight of the value loss when the critic shares the actor's backbone.
+        entropy_coef: entropy bonus (0 = none).
+        max_grad_norm: gradient clipping per optimizer (``None`` = off).
+        reward_clip: clip sequence scores to ``[-reward_clip, reward_clip]`` (``None`` = off).
+    """
+
+    ppo_epochs: int = 2
+    minibatch_size: int = 8
+    clip: float = 0.2
+    value_clip: Optional[float] = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    reward_clip: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.ppo_epochs < 1 or self.minibatch_size < 1:
+            raise ValueError(f"ppo_epochs and minibatch_size must be >= 1, got {self.ppo_epochs}, {self.minibatch_size}")
+
+
+@dataclass
+class KLSettings:
+    """KL penalty against the reference, in the per-token reward.
+
+    Args:
+        coef: the (initial) coefficient beta.
+        estimator: ``k1`` (log-ratio; can be negative per token) or ``k3`` (non-negative).
+        adaptive: Ziegler et al.'s controller towards ``target`` (per-sequence KL) over ``horizon``
+            samples; otherwise beta stays fixed.
+    """
+
+    coef: float = 0.05
+    estimator: Literal["k1", "k3"] = "k1"
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+
+@dataclass
+class AMASettings:
+    """APPO's adaptive message-wise mask (METHOD.md section 3). ``enabled=False`` is plain PPO.
+
+    Args:
+        token_signal: ``value`` (the critic's V_t, as the authors' code) or ``dense_reward``
+            (differences of the reward model's prefix scores). Critic-free advantages need
+            ``dense_reward``.
+        baseline: ``zero`` or ``batch_mean`` (mean signal over all real response tokens of the
+            global batch).
+    """
+
+    enabled: bool = False
+    token_signal: Literal["value", "dense_reward"] = "value"
+    baseline: Literal["zero", "batch_mean"] = "zero"
+
+
+AdvantageEstimator = Literal["gae", "grpo", "rloo"]
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops on one process)
+# --------------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().clone().float()
+    if _distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _global_masked_stats(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased var) of ``values`` over ``mask`` on every rank together."""
+    m = mask.bool()
+    v = torch.where(m, values.float(), torch.zeros_like(values, dtype=torch.float32))
+    s = _all_sum(torch.stack([v.sum(), (v * v).sum(), m.sum().float()]))
+    n = s[2].clamp(min=1)
+    mean = s[0] / n
+    var = (s[1] / n - mean**2).clamp(min=0) * n / (n - 1).clamp(min=1)
+    return mean, var
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+
+
+class PolicyModule(LightningModule):
+    """PPO / APPO / GRPO / RLOO over an actor, a critic, a frozen reward model and a reference.
+
+    Args:
+        actor: the policy to train (usually the SFT model; LoRA through ``actor.lora``).
+        reward_model: a scalar-head model (``equilibrate rm`` output); frozen.
+        critic: scalar-head model for the values; ``None`` initialises it from the reward model
+            (common practice: the critic starts knowing what scores well). Ignored for
+            ``critic_mode="shared"`` and for critic-free advantages.
+        critic_mode: ``separate`` model, or ``shared``: a value head on the actor's last hidden
+            state (one backbone, one optimizer with the critic's learning rate on the head).
+        reference: ``copy`` (a frozen copy of the initial actor), ``adapter`` (the actor with its
+            LoRA adapter disabled: no second copy in memory; checked per PITFALLS #6) or ``auto``
+            (``adapter`` when the actor has LoRA, else ``copy``).
+        advantage: ``gae`` (needs a critic) or critic-free ``grpo`` / ``rloo`` with
+            ``samples_per_prompt >= 2`` responses per prompt.
+        actor_optim, critic_optim: AdamW settings; the schedule steps once per rollout batch.
+        max_nonfinite_steps: consecutive non-finite batches (scores or losses) before stopping.
+        log_refusals: decode responses and log the per-group refusal rate (``eval.refusal``).
+        seed: seed of the rollout sampling stream (rank r uses ``seed + r``).
+
+    Pre-built models (tests, notebooks) go through :meth:`from_models`.
+    """
+
+    def __init__(
+        self,
+        actor: Optional[ModelSettings] = None,
+        reward_model: Optional[ModelSettings] = None,
+        critic: Optional[ModelSettings] = None,
+        critic_mode: Literal["separate", "shared"] = "separate",
+        reference: Literal["auto", "copy", "adapter"] = "auto",
+        generation: Optional[GenerationSettings] = None,
+        ppo: Optional[PPOSettings] = None,
+        kl: Optional[KLSettings] = None,
+        ama: Optional[AMASettings] = None,
+        advantage: AdvantageEstimator = "gae",
+        samples_per_prompt: int = 1,
+        actor_optim: Optional[OptimSettings] = None,
+        critic_optim: Optional[OptimSettings] = None,
+        max_nonfinite_steps: int = 3,
+        log_refusals: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.actor_settings = coerce_settings(ModelSettings, actor) or ModelSettings()
+        self.reward_settings = coerce_settings(ModelSettings, reward_model)
+        self.critic_settings = coerce_settings(ModelSettings, critic)
+        self.generation = coerce_settings(GenerationSettings, generation) or GenerationSettings()
+        self.ppo = coerce_settings(PPOSettings, ppo) or PPOSettings()
+        self.kl = coerce_settings(KLSettings, kl) or KLSettings()
+        self.ama = coerce_settings(AMASettings, ama) or AMASettings()
+        self.actor_optim = coerce_settings(OptimSettings, actor_optim) or OptimSettings(lr=1e-5, scheduler="constant")
+        self.critic_optim = coerce_settings(OptimSettings, critic_optim) or OptimSettings(lr=1e-5, scheduler="constant")
+        if advantage not in ("gae", "grpo", "rloo"):
+            raise ValueError(f"advantage must be 'gae', 'grpo' or 'rloo', got {advantage!r}")
+        if advantage != "gae" and samples_per_prompt < 2:
+            raise ValueError(f"advantage={advantage!r} compares samples of a prompt: set samples_per_prompt >= 2")
+        if advantage != "gae" and self.ama.enabled and self.ama.token_signal == "value":
+            raise ValueError(
+                f"advantage={advantage!r} has no critic, so APPO cannot use token_signal='value'; use 'dense_reward'"
+            )
+        if critic_mode not in ("separate", "shared"):
+            raise ValueError(f"critic_mode must be 'separate' or 'shared', got {critic_mode!r}")
+        if reference not in ("auto", "copy", "adapter"):
+            raise ValueError(f"reference must be 'auto', 'copy' or 'adapter', got {reference!r}")
+        self.critic_mode = critic_mode
+        self.reference_mode = reference
+        self.advantage = advantage
+        self.samples_per_prompt = samples_per_prompt
+        self.log_refusals = log_refusals
+        self.seed = seed
+        save_plain_hyperparameters(
+            self, actor=self.actor_settings, reward_model=self.reward_settings, critic=self.critic_settings,
+            critic_mode=critic_mode, reference=reference, generation=self.generation, ppo=self.ppo, kl=self.kl,
+            ama=self.ama, advantage=advantage, samples_per_prompt=samples_per_prompt, actor_optim=self.actor_optim,
+            critic_optim=self.critic_optim, max_nonfinite_steps=max_nonfinite_steps, log_refusals=log_refusals, seed=seed,
+        )
+
+        self.actor: nn.Module | None = None
+        self.critic: nn.Module | None = None
+        self.value_head: nn.Linear | None = None
+        self.reward_model: nn.Module | None = None
+        self.reference: nn.Module | None = None
+        self.tokenizer: Any = None
+        self._configured = False
+        self.kl_controller: FixedKLController | AdaptiveKLController = (
+            AdaptiveKLController(self.kl.coef, self.kl.target, self.kl.horizon) if self.kl.adaptive
+            else FixedKLController(self.kl.coef)
+        )
+        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
+        self.rollout_rng: RolloutRNG | None = None
+        self._pending_rng_state: dict[str, torch.Tensor] | None = None
+        self._warned_constant_reward = False
+
+    # ----------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_models(
+        cls,
+        actor: nn.Module,
+        tokenizer: Any,
+        reward_model: nn.Module,
+        critic: nn.Module | None = None,
+        reference: nn.Module | None = None,
+        **settings: Any,
+    ) -> "PolicyModule":
+        """A module around models built elsewhere (notebooks, tests). ``settings`` are the
+        constructor's keyword arguments; a ``reference`` given here is used as is (frozen)."""
+        module = cls(**settings)
+        module.actor, module.tokenizer, module.reward_model = actor, tokenizer, reward_model
+        module.critic = critic
+        if reference is not None:
+            module.reference = reference
+        return module
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
+
+    def build_models(self) -> None:
+        """Load whatever :meth:`from_models` did not provide, from the settings."""
+        from equilibrate_pl.modules.common import build_causal_lm, build_scalar_model
+
+        if self.actor is None:
+            self.actor, self.tokenizer = build_causal_lm(self.actor_settings)
+        if self.reward_model is None:
+            if self.reward_settings is None:
+                raise ValueError("PolicyModule needs a reward model: set reward_model.name_or_path (an `equilibrate rm` output)")
+            self.reward_model, rm_tokenizer = build_scalar_model(self.reward_settings)
+            check_tokenizers_match(self.tokenizer, rm_tokenizer, ("policy", "reward model"))
+        if self.uses_critic and self.critic_mode == "separate" and self.critic is None:
+            settings = self.critic_settings or ModelSettings(
+                name_or_path=(self.reward_settings or self.actor_settings).name_or_path,
+                dtype=self.actor_settings.dtype, lora=self.actor_settings.lora,
+                gradient_checkpointing=self.actor_settings.gradient_checkpointing,
+            )
+            self.critic, critic_tokenizer = build_scalar_model(settings)
+            check_tokenizers_match(self.tokenizer, critic_tokenizer, ("policy", "critic"))
+
+    def configure_model(self) -> None:
+        """Build models, freeze reward/reference, remove dropout, and shard with FSDP2 when the
+        strategy gives a device mesh (``ModelParallelStrategy``)."""
+        if self._configured:
+            return
+        self.build_models()
+        if self.tokenizer is None:
+            raise ValueError("PolicyModule has no tokenizer (pass one to from_models)")
+        if self.tokenizer.pad_token_id is None or self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
+            raise ValueError("the tokenizer needs a pad token distinct from eos (PITFALLS #2)")
+        disable_dropout(self.actor)
+        self._freeze(self.reward_model)
+        if self.critic is not None:
+            disable_dropout(self.critic)
+        if self.uses_critic and self.critic_mode == "shared" and self.value_head is None:
+            from equilibrate_pl.models.scalar_head import init_scalar_head
+
+            hidden = self.actor.config.hidden_size
+            self.value_head = nn.Linear(hidden, 1).to(next(self.actor.parameters()).dtype)
+            init_scalar_head(self.value_head, seed=self.seed)
+        if self.reference is None:
+            mode = self.reference_mode
+            if mode == "auto":
+                mode = "adapter" if _is_peft(self.actor) else "copy"
+            if mode == "adapter":
+                from equilibrate_pl.models.loading import check_adapter_reference
+
+                check_adapter_reference(self.actor)
+            else:
+                self.reference = self._freeze(copy.deepcopy(self.actor))
+        else:
+            self._freeze(self.reference)
+
+        mesh = self.device_mesh
+        if mesh is not None:
+            dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+            if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+                raise ValueError("PolicyModule supports data-parallel FSDP2 only: set tensor_parallel_size=1")
+            for model in (self.actor, self.critic, self.value_head, self.reward_model, self.reference):
+                if model is not None and not is_sharded(model):
+                    shard_module(model, dp_mesh)
+        self._configured = True
+
+    @staticmethod
+    def _freeze(model: nn.Module) -> nn.Module:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def configure_optimizers(self) -> list[dict[str, Any]]:
+        actor_params = [p for p in self.actor.parameters() if p.requires_grad]
+        if not actor_params:
+            raise ValueError("the actor has no trainable parameters")
+        if self.value_head is not None:
+            groups = [
+                {"params": actor_params, "lr": self.actor_optim.lr, "weight_decay": self.actor_optim.weight_decay},
+                {"params": list(self.value_head.parameters()), "lr": self.critic_optim.lr, "weight_decay": 0.0},
+            ]
+            return [configure_adamw(self, groups, self.actor_optim)]
+        configs = [configure_adamw(self, [{"params": actor_params, "weight_decay": self.actor_optim.weight_decay}], self.actor_optim)]
+        if self.uses_critic:
+            critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+            configs.append(configure_adamw(self, [{"params": critic_params, "weight_decay": self.critic_optim.weight_decay}], self.critic_optim))
+        return configs
+
+    # ----------------------------------------------------------------------------- forward passes
+
+    def _reference_context(self) -> Any:
+        if self.reference is not None:
+            return _null_context(self.reference)
+        return _adapter_disabled(self.actor)
+
+    def actor_forward(
+        self, model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+        with_values: bool = False, with_entropy: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Log-probs of the response tokens (B, R), optionally entropy and shared-head values."""
+        width = sequences.shape[1] - prompt_length
+        out = model(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False, logits_to_keep=width + 1, output_hidden_states=with_values,
+        )
+        # logits[:, j] predicts sequences[:, P - 1 + j + 1]: the last width+1 positions cover the response.
+        logits = out.logits[:, -(width + 1):]
+        resp_mask = attention_mask[:, prompt_length - 1:].bool().clone()
+        resp_mask[:, 0] = False
+        if self.generation.do_sample and self.generation.temperature != 1.0:
+            # Rollouts were sampled from softmax(logits / T): old and new log-probs are of that policy.
+            logits = logits / self.generation.temperature
+        result = {"logprobs": token_logprobs(logits, sequences[:, prompt_length - 1:], resp_mask)}
+        if with_entropy:
+            result["entropy"] = entropy_from_logits(logits[:, :-1])
+        if with_values:
+            hidden = out.hidden_states[-1][:, prompt_length - 1:-1]
+            result["values"] = self.value_head(hidden).squeeze(-1).float()
+        return result
+
+    @staticmethod
+    def scalar_forward(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) per-position scores of a scalar-head model (critic or reward)."""
+        from equilibrate_pl.models.scalar_head import position_scores
+
+        return position_scores(model, sequences, attention_mask, position_ids_from_mask(attention_mask))
+
+    # ----------------------------------------------------------------------------- rollout phases
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any]) -> Rollout:
+        """Sample responses for the batch's (left-padded) prompts; ``samples_per_prompt`` each."""
+        input_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        groups = [str(g) for g in batch.get("group", ["general"] * input_ids.shape[0])]
+        k = self.samples_per_prompt
+        if k > 1:
+            input_ids = input_ids.repeat_interleave(k, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
+            groups = [g for g in groups for _ in range(k)]
+        if prompt_mask[:, -1].eq(0).any():
+            raise ValueError("prompt batches must be LEFT padded (every prompt ends at the last column)")
+        g = self.generation
+        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, pad_token_id=pad_id, eos_token_id=eos_id,
+            use_cache=True, synced_gpus=_distributed(),
+        )
+        if g.do_sample:
+            kwargs.update(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+        if self.rollout_rng is None:
+            self._init_rng()
+        with self.rollout_rng.fork(), gathered_for_generation(self.actor):
+            out = self.actor.generate(input_ids=input_ids, attention_mask=prompt_mask, **kwargs)
+        prompt_length = input_ids.shape[1]
+        responses = out[:, prompt_length:]
+        mask, truncated = response_mask(responses, eos_id)
+        responses = responses.masked_fill(~mask, pad_id)
+        return Rollout(
+            prompt_length=prompt_length,
+            sequences=torch.cat([input_ids, responses], dim=1),
+            attention_mask=torch.cat([prompt_mask.long(), mask.long()], dim=1),
+            response_mask=mask,
+            truncated=truncated,
+            groups=groups,
+        )
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Rollout:
+        """Old log-probs, reference log-probs, values, scores and dense rewards (no gradients)."""
+        seq, attn, p = rollout.sequences, rollout.attention_mask, rollout.prompt_length
+        chunks = _chunks(seq.shape[0], self.ppo.minibatch_size)
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": [], "rm": []}
+        shared = self.uses_critic and self.value_head is not None
+        for idx in chunks:
+            s, a = seq[idx], attn[idx]
+            out = self.actor_forward(self.actor, s, a, p, with_values=shared)
+            parts["logprobs"].append(out["logprobs"])
+            if shared:
+                parts["values"].append(out["values"])
+            with self._reference_context() as ref:
+                parts["ref"].append(self.actor_forward(ref, s, a, p)["logprobs"])
+            if self.uses_critic and not shared:
+                parts["values"].append(self.scalar_forward(self.critic, s, a)[:, p - 1:-1])
+            parts["rm"].append(self.scalar_forward(self.reward_model, s, a))
+        mask = rollout.response_mask
+        rollout.logprobs = torch.cat(parts["logprobs"]) * mask
+        rollout.ref_logprobs = torch.cat(parts["ref"]) * mask
+        if parts["values"]:
+            rollout.values = torch.cat(parts["values"]) * mask
+        prefix = torch.cat(parts["rm"])
+        rollout.scores = prefix.gather(1, rollout.last_token_index.unsqueeze(1)).squeeze(1)
+        # Dense rewards need the score at the end of the prompt: start one column before the response.
+        dense_mask = attn[:, p - 1:].bool().clone()
+        dense_mask[:, 0] = False
+        rollout.dense_rewards = dense_rewards(prefix[:, p - 1:], dense_mask)[:, 1:]
+        return rollout
+
+    def compute_scores(self, batch: dict[str, Any], rollout: Rollout) -> torch.Tensor:
+        """(B,) sequence scores: the reward model at the last real token, minus the missing-EOS
+        penalty, clipped. Override to reshape the score (e.g. a length penalty)."""
+        scores = rollout.scores.float()
+        if self.generation.missing_eos_penalty:
+            scores = scores - self.generation.missing_eos_penalty * rollout.truncated.float()
+        if self.ppo.reward_clip is not None:
+            scores = scores.clamp(-self.ppo.reward_clip, self.ppo.reward_clip)
+        return scores
+
+    def compute_rewards(self, batch: dict[str, Any], rollout: Rollout) -> torch.Tensor:
+        """(B, R) per-token rewards: ``-kl_coef * KL_t`` on every response token plus the
+        sequence score on the last one (PITFALLS #3: the EOS / last real token, not a pad)."""
+        rollout.kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.kl.estimator) * rollout.response_mask
+        rewards = -self.kl_controller.value * rollout.kl
+        last = (rollout.response_lengths - 1).clamp(min=0)
+        scores = self.compute_scores(batch, rollout)
+        rollout.extras["shaped_scores"] = scores
+        return rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(rewards.dtype)) * rollout.response_mask
+
+    def compute_advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages, returns), each (B, R). GAE with the critic, or a group estimator on the
+        summed per-token rewards (score minus KL), broadcast to every response token."""
+        mask = rollout.response_mask
+        if self.advantage == "gae":
+            advantages, returns = gae(rollout.rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
+        else:
+            sequence_rewards = (rollout.rewards * mask).sum(-1)
+            seq_adv = group_advantages(sequence_rewards, self.samples_per_prompt, self.advantage)
+            advantages = seq_adv.unsqueeze(1) * mask
+            returns = torch.zeros_like(advantages)
+        if self.ppo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, stats=_global_masked_stats(advantages, mask))
+        return advantages, returns
+
+    def token_signal(self, rollout: Rollout) -> torch.Tensor:
+        """(B, R) per-token signal r_t of the APPO mask."""
+        if self.ama.token_signal == "value":
+            return rollout.values
+        return rollout.dense_rewards
+
+    def policy_mask(self, rollout: Rollout) -> torch.Tensor:
+        """Tokens that enter the policy loss: the APPO mask, or every response token (plain PPO)."""
+        mask = rollout.response_mask
+        if not self.ama.enabled:
+            return mask
+        signal = self.token_signal(rollout)
+        if self.ama.baseline == "batch_mean":
+            baseline: Any = float(_global_masked_stats(signal, mask)[0])
+        else:
+            baseline = "zero"
+        keep, fallback = appo_mask(rollout.advantages, signal, mask, baseline=baseline, return_fallbacks=True)
+        rollout.extras["ama_fallbacks"] = fallback
+        return keep
+
+    # ----------------------------------------------------------------------------- the step
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        rollout = self.generate(batch)
+        timings["generation"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.score(rollout)
+        rollout.rewards = self.compute_rewards(batch, rollout)
+        timings["scoring"] = time.perf_counter() - start
+
+        finite = torch.isfinite(rollout.rewards).all() & torch.isfinite(rollout.logprobs).all()
+        if rollout.values is not None:
+            finite &= torch.isfinite(rollout.values).all()
+        if not self._check_finite(finite, "rewards"):
+            self._step_schedulers()
+            return None
+
+        rollout.advantages, rollout.returns = self.compute_advantages(rollout)
+        rollout.policy_mask = self.policy_mask(rollout)
+
+        start = time.perf_counter()
+        stats = self.update(rollout)
+        timings["update"] = time.perf_counter() - start
+        if stats is None:
+            self._step_schedulers()
+            return None
+        self._step_schedulers()
+        self.kl_controller.update(float(stats["kl/sequence"]), n_steps=int(_all_sum(torch.tensor(float(len(rollout.groups))))))
+        self._log_step(batch, rollout, stats, timings)
+        return None
+
+    def update(self, rollout: Rollout) -> dict[str, torch.Tensor] | None:
+        """``ppo_epochs`` passes of clipped PPO over shuffled minibatches. Returns statistics, or
+        ``None`` if a non-finite loss made this batch be skipped."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        actor_opt = optimizers[0]
+        critic_opt = optimizers[1] if len(optimizers) > 1 else None
+        shared = self.value_head is not None and self.uses_critic
+        world = _world_size()
+        n = rollout.sequences.shape[0]
+        p = rollout.prompt_length
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch in range(self.ppo.ppo_epochs):
+            # Same permutation on every rank (seeded by step and epoch): shards stay aligned.
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + epoch)
+            order = torch.randperm(n, generator=gen)
+            for idx in _chunks(n, self.ppo.minibatch_size, order):
+                mb = rollout.select(idx)
+                # Normalise by the GLOBAL token counts of this minibatch: with gradients averaged
+                # over ranks, N processes then take exactly the step of one holding all rows.
+                counts = _all_sum(torch.stack([mb["policy_mask"].sum(), mb["response_mask"].sum()]).float().to(self.device))
+                policy_norm = counts[0].clamp(min=1) / world
+                token_norm = counts[1].clamp(min=1) / world
+                out = self.actor_forward(
+                    self.actor, mb["sequences"], mb["attention_mask"], p,
+                    with_values=shared, with_entropy=True,
+                )
+                pg_loss, pg_stats = policy_loss(out["logprobs"], mb["logprobs"], mb["advantages"], mb["policy_mask"], self.ppo.clip, normalizer=policy_norm)
+                entropy = masked_mean(out["entropy"], mb["response_mask"], normalizer=token_norm)
+                actor_loss = pg_loss - self.ppo.entropy_coef * entropy
+                vf_loss = torch.zeros((), device=self.device)
+                if self.uses_critic:
+                    values = out["values"] if shared else self.scalar_forward(self.critic, mb["sequences"], mb["attention_mask"])[:, p - 1:-1]
+                    vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["response_mask"], self.ppo.value_clip, normalizer=token_norm)
+                else:
+                    vf_stats = {}
+                total = actor_loss + self.ppo.value_coef * vf_loss if shared else actor_loss
+                if not self._check_finite(torch.isfinite(actor_loss.detach()) & torch.isfinite(vf_loss.detach()), "loss"):
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    return None
+                actor_opt.zero_grad(set_to_none=True)
+                self.manual_backward(total)
+                grad_norm = self._clip(actor_opt)
+                actor_opt.step()
+                if critic_opt is not None:
+                    critic_opt.zero_grad(set_to_none=True)
+                    self.manual_backward(vf_loss)
+                    critic_grad_norm = self._clip(critic_opt)
+                    critic_opt.step()
+                    sums["grad_norm/critic"] = sums.get("grad_norm/critic", 0.0) + critic_grad_norm
+                # Per-minibatch statistics, averaged over minibatches and ranks for logging.
+                step_stats = {
+                    "loss/policy": pg_loss.detach(),
+                    "loss/value": vf_loss.detach(),
+                    "ppo/entropy": entropy.detach(),
+                    "ppo/clip_fraction": pg_stats["clip_fraction"],
+                    "ppo/approx_kl": pg_stats["approx_kl"],
+                    "ppo/ratio_mean": pg_stats["ratio_mean"],
+                    **({"ppo/value_clip_fraction": vf_stats["value_clip_fraction"]} if vf_stats else {}),
+                }
+                if epoch == 0 and count == 0:
+                    sums["ppo/first_ratio_max_deviation"] = float(
+                        ((out["logprobs"] - mb["logprobs"]).abs() * mb["response_mask"]).max()
+                    )
+                for key, value in step_stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                sums["grad_norm/actor"] = sums.get("grad_norm/actor", 0.0) + grad_norm
+                count += 1
+        first_deviation = sums.pop("ppo/first_ratio_max_deviation")
+        keys = sorted(sums)
+        # Losses normalised by global counts sum over ranks to the global loss, divided by `world`
+        # because each was multiplied by it; plain statistics are averaged: both are sum / world.
+        reduced = _all_sum(torch.tensor([sums[k] / count for k in keys], device=self.device)) / world
+        out_stats: dict[str, torch.Tensor] = {key: reduced[i] for i, key in enumerate(keys)}
+        out_stats["ppo/first_ratio_max_deviation"] = torch.tensor(first_deviation)
+        m = rollout.response_mask
+        seq_kl = _all_sum(torch.stack([(rollout.kl * m).sum(), torch.tensor(float(m.shape[0]), device=m.device)]))
+        out_stats["kl/sequence"] = seq_kl[0] / seq_kl[1]
+        return out_stats
+
+    def _clip(self, optimizer: Any) -> float:
+        if self.ppo.max_grad_norm is None:
+            return 0.0
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.ppo.max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _step_schedulers(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
+
+    def _check_finite(self, finite: torch.Tensor, what: str) -> bool:
+        """Skip (all ranks together) on a non-finite batch; the guard raises after N in a row."""
+        bad = _all_sum((~finite.bool()).float().reshape(()).to(self.device))
+        marker = torch.where(bad > 0, torch.tensor(float("nan"), device=self.device), torch.zeros((), device=self.device))
+        ok = self.nonfinite_guard.check(marker, step=self.global_step)
+        if not ok:
+            log.warning("non-finite %s at step %d: batch skipped", what, self.global_step)
+            self.log("nonfinite/skipped_total", float(self.nonfinite_guard.total_skipped), on_step=True, rank_zero_only=True)
+        return ok
+
+    # ----------------------------------------------------------------------------- logging
+
+    def _log_step(self, batch: dict[str, Any], rollout: Rollout, stats: dict[str, torch.Tensor], timings: dict[str, float]) -> None:
+        m = rollout.response_mask
+        scores = rollout.extras.get("shaped_scores", rollout.scores).float()
+        seq_kl = (rollout.kl * m).sum(-1)
+        k1 = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1")
+        k3 = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k3")
+        lengths = m.sum(-1).float()
+        keep = rollout.policy_mask
+        kept_per_row = keep.sum(-1).float()
+        refusals = self._refusals(rollout) if self.log_refusals else None
+
+        # One all-reduce for everything that is a sum over rows.
+        per_row = torch.stack([
+            scores, scores**2, seq_kl, (k1 * m).sum(-1), (k3 * m).sum(-1), lengths, kept_per_row,
+            rollout.truncated.float(), rollout.extras.get("ama_fallbacks", torch.zeros_like(scores, dtype=torch.bool)).float(),
+            keep.bool().logical_and(rollout.advantages >= 0).sum(-1).float(),
+            torch.ones_like(scores),
+        ], dim=1)
+        g_index = torch.tensor([GROUP_NAMES.index(g) if g in GROUP_NAMES else len(GROUP_NAMES) for g in rollout.groups], device=scores.device)
+        n_groups = len(GROUP_NAMES) + 1
+        group_sums = torch.zeros(n_groups, per_row.shape[1] + 1, device=scores.device)
+        group_sums[:, :-1].index_add_(0, g_index, per_row)
+        if refusals is not None:
+            group_sums[:, -1].index_add_(0, g_index, refusals.float())
+        group_sums = _all_sum(group_sums)
+        total = group_sums.sum(0)
+        rows = total[10].clamp(min=1)
+        mean_score = total[0] / rows
+        metrics: dict[str, Any] = {
+            "reward/mean": mean_score,
+            "reward/std": (total[1] / rows - mean_score**2).clamp(min=0).sqrt(),
+            "kl/coef": self.kl_controller.value,
+            "kl/k1": total[3] / rows,
+            "kl/k3": total[4] / rows,
+            "kl/sequence": total[2] / rows,
+            "response/length": total[5] / rows,
+            "response/truncated_fraction": total[7] / rows,
+            "ama/kept_fraction": total[6] / total[5].clamp(min=1),
+            "ama/fallbacks": total[8],
+        }
+        mask_sum = _all_sum(torch.stack([(keep & m).sum().float(), m.sum().float()]))
+        metrics["ama/kept_fraction"] = mask_sum[0] / mask_sum[1].clamp(min=1)
+        if refusals is not None:
+            metrics["response/refusal_rate"] = total[11] / rows
+        if rollout.values is not None:
+            metrics["ppo/value_explained_variance"] = _global_explained_variance(rollout.values, rollout.returns, m)
+        metrics.update(stats)
+        for i, name in enumerate(list(GROUP_NAMES) + ["other"]):
+            n_rows = group_sums[i, 10]
+            if n_rows <= 0:
+                continue
+            metrics[f"group/{name}/reward"] = group_sums[i, 0] / n_rows
+            metrics[f"group/{name}/kl"] = group_sums[i, 2] / n_rows
+            metrics[f"group/{name}/length"] = group_sums[i, 5] / n_rows
+            metrics[f"group/{name}/kept_fraction"] = group_sums[i, 6] / group_sums[i, 5].clamp(min=1)
+            if refusals is not None:
+                metrics[f"group/{name}/refusal_rate"] = group_sums[i, 11] / n_rows
+        step_time = sum(timings.values())
+        for phase, seconds in timings.items():
+            metrics[f"time/{phase}_s"] = seconds
+            metrics[f"time/{phase}_share"] = seconds / max(step_time, 1e-12)
+        metrics["time/step_s"] = step_time
+        if rows > 1 and metrics["reward/std"] < 1e-6 and not self._warned_constant_reward:
+            self._warned_constant_reward = True
+            warnings.warn(
+                f"the reward model gave the same score ({float(mean_score):.4g}) to all {int(rows)} responses of step "
+                f"{self.global_step}: a constant reward model gives no learning signal (untrained head? wrong checkpoint?)",
+                RuntimeWarning, stacklevel=2,
+            )
+        self.last_metrics = {k: float(v) for k, v in metrics.items()}
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False,
+                      batch_size=len(rollout.groups), rank_zero_only=True)
+
+    def _refusals(self, rollout: Rollout) -> torch.Tensor | None:
+        try:
+            from equilibrate_pl.eval.refusal import is_refusal
+        except ImportError:  # the detector is optional for training
+            return None
+        texts = self.tokenizer.batch_decode(rollout.response_ids.masked_fill(~rollout.response_mask, self.tokenizer.pad_token_id), skip_special_tokens=True)
+        return torch.tensor([is_refusal(t) for t in texts], device=rollout.sequences.device)
+
+    # ----------------------------------------------------------------------------- state
+
+    def _init_rng(self) -> None:
+        rank = dist.get_rank() if _distributed() else 0
+        self.rollout_rng = RolloutRNG(self.seed + rank, self.device)
+        if self._pending_rng_state is not None:
+            self.rollout_rng.load_state_dict(self._pending_rng_state)
+            self._pending_rng_state = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.rollout_rng is None:
+            self._init_rng()
+        state = self.rollout_rng.state_dict()
+        if _distributed():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, state)
+        else:
+            gathered = [state]
+        checkpoint["policy_state"] = {
+            "kl_controller": self.kl_controller.state_dict(),
+            "nonfinite_guard": self.nonfinite_guard.state_dict(),
+            "rollout_rng": gathered,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("policy_state")
+        if state is None:
+            return
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.nonfinite_guard.load_state_dict(state["nonfinite_guard"])
+        rank = dist.get_rank() if _distributed() else 0
+        states = state["rollout_rng"]
+        if rank < len(states):
+            self._pending_rng_state = states[rank]
+            self.rollout_rng = None
+        else:
+            log.warning("checkpoint has rollout RNG states of %d rank(s); rank %d starts a fresh stream", len(states), rank)
+
+
+def _global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return explained_variance(values, returns, mask)
+    _, var_t = _global_masked_stats(returns, mask)
+    _, var_r = _global_masked_stats(returns - values, mask)
+    return 1.0 - var_r / var_t.clamp(min=1e-12)
+
+
+def _chunks(n: int, size: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
+    order = torch.arange(n) if order is None else order
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+class _null_context:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _adapter_disabled(model: nn.Module) -> Any:
+    from equilibrate_pl.models.loading import adapter_disabled
+
+    return adapter_disabled(model)
+
+
+__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "AMASettings", "Rollout"]
