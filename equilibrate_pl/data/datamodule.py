@@ -389,6 +389,10 @@ class SafetyDataModule(LightningDataModule):
             f"SafetyDataModule: stage={self.stage_kind}, mix={how}, seed={self.seed}",
             *("  source " + s for s in self._sources),
             res.table(),
+            *(
+                [f"naive: drew {res.requested['safety']} of {res.available['safety']} unsorted safety rows"]
+                if self.mix_mode == "naive" else []
+            ),
             f"val: {len(self.val_records)} rows ("
             + ", ".join(f"{g} {val_counts[g]}" for g in sorted(val_counts, key=mixing._group_order)) + ")",
         ]

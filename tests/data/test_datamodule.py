@@ -223,3 +223,38 @@ def test_rules_categorizer_relabels_the_unsorted_pool(equilibrate_cache):
     noisy = {r["id"] for r in world.safety_pool("train") if r["meta"]["noisy"]}
     relabelled = [r for r in dm.train_records if r["id"] in noisy]
     assert relabelled and any(r["group"] == "general" for r in relabelled)
+
+
+def test_naive_arm_draws_scale_times_the_fdc_budget(equilibrate_cache):
+    fdc = tiny_module()
+    naive = tiny_module(mix="naive", naive_scale=2.0)
+    fdc.setup()
+    naive.setup()
+    fdc_safety = sum(n for g, n in fdc.mix_result.counts.items() if g != "general")
+    naive_safety = sum(n for g, n in naive.mix_result.counts.items() if g != "general")
+    assert naive_safety == 2 * fdc_safety
+    assert "naive: drew" in naive.describe()
+
+
+def test_built_from_yaml_with_jsonargparse(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        "data:\n"
+        "  class_path: equilibrate_pl.data.SafetyDataModule\n"
+        "  init_args:\n"
+        "    stage: sft\n"
+        "    general: [{path: g.jsonl, kind: preference}]\n"
+        "    safety: [{path: s.json, preset: beavertails-fdc}]\n"
+        "    mix: quota\n"
+        "    quotas: {EHD: 10, IHD: 3, MHD: 1}\n"
+    )
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(pl.LightningDataModule, "data")
+    dm = parser.instantiate(parser.parse_path(str(config))).data
+    assert isinstance(dm, SafetyDataModule) and dm.stage_kind == "sft"
+    assert dm.general == [DataSource(path="g.jsonl", kind="preference")]
+    assert dm.safety[0].preset == "beavertails-fdc" and dm.quotas == {"EHD": 10, "IHD": 3, "MHD": 1}
+    with pytest.raises(Exception, match="Literal\\['ratio', 'quota', 'all', 'naive'\\]"):
+        parser.parse_string("data: {class_path: equilibrate_pl.data.SafetyDataModule, init_args: {mix: sorted}}")
