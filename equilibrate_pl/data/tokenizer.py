@@ -10,6 +10,7 @@ also masks the real eos and the model never learns to stop).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -33,8 +34,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"  # eos: ends every chat turn, so generation stops at the end of a reply
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, IM_START, IM_END)
 VOCAB_SIZE = 2000
-# Bump when the corpus, the trainer settings or the template change: caches of old versions are
-# left alone and a new directory is built.
+# Part of the cache directory name, with a hash of the sources that define the training corpus
+# (see `_source_fingerprint`), so editing the world's templates never reuses a stale tokenizer.
 TOKENIZER_VERSION = 1
 
 CHAT_TEMPLATE = (
@@ -160,6 +161,16 @@ def _train_tiny(seed: int) -> PreTrainedTokenizerFast:
     return fast
 
 
+def _source_fingerprint() -> str:
+    """Short hash of everything the trained vocabulary depends on: this module and the world's."""
+    from equilibrate_pl.data import world
+
+    digest = hashlib.sha256()
+    for module_file in (__file__, world.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def default_cache_dir() -> Path:
     """`$EQUILIBRATE_CACHE`, else `~/.cache/equilibrate`."""
     env = os.environ.get("EQUILIBRATE_CACHE")
@@ -174,7 +185,7 @@ def tiny_tokenizer_dir(cache_dir: str | Path | None = None, seed: int = 0) -> Pa
     winner's (the build is deterministic, so both are identical).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"tokenizer-tiny-v{TOKENIZER_VERSION}-seed{seed}"
+    target = root / f"tokenizer-tiny-v{TOKENIZER_VERSION}-seed{seed}-{_source_fingerprint()}"
     if (target / "tokenizer.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def test_deterministic_across_cache_dirs(tmp_path, tok):
 
 def test_losing_a_build_race_uses_the_winner(tmp_path, monkeypatch):
     real_train = tk._train_tiny
-    target = tmp_path / f"tokenizer-tiny-v{tk.TOKENIZER_VERSION}-seed0"
+    target = tmp_path / f"tokenizer-tiny-v{tk.TOKENIZER_VERSION}-seed0-{tk._source_fingerprint()}"
 
     def train_while_another_process_wins(seed):
         out = real_train(seed)
