@@ -199,8 +199,14 @@ def load_pretrained(
             auto_cls, base, dtype=dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation, config=config, output_loading_info=True,
         )
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        peft_model = PeftModel.from_pretrained(model, path)
+        saved = set(peft_model.active_peft_config.modules_to_save or ())
+        model = peft_model.merge_and_unload()
         model.requires_grad_(True)  # PeftModel.from_pretrained froze the base; a merged model is a normal one
+        # Layers trained in full (e.g. a scalar head) came from the adapter: no longer "missing".
+        info["missing_keys"] = {
+            k for k in info["missing_keys"] if not any(f".{m}." in f".{k}" for m in saved)
+        }
         return (model, info) if output_loading_info else model
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": torch_dtype(dtype)}

@@ -118,9 +118,10 @@ def load_scalar_model(
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over the real tokens of each row, whatever the padding side.
 
-    With left padding the default positions (0..L-1) would shift every real token by the pad count
-    and change its score (PITFALLS #1); counting only real tokens makes a padded row score exactly
-    like the same row unpadded.
+    With left padding the default positions (0..L-1) shift every real token by the pad count. RoPE
+    models only see relative positions, so for them this is a float-rounding difference, but models
+    with absolute position embeddings (GPT-2, OPT) would score a padded row differently (PITFALLS #1).
+    Counting only real tokens makes a padded row score like the same row unpadded for both kinds.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
