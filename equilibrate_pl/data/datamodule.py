@@ -14,6 +14,7 @@ count (checked by tests/data/test_datamodule.py, which resumes from checkpoints 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -261,9 +262,7 @@ class SafetyDataModule(LightningDataModule):
     def _load_pools(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]] | None]:
         world = None
         if self.builtin_world and not (self.general and self.safety):
-            from equilibrate_pl.data.world import build_world
-
-            world = build_world(seed=self.seed, size=self.world_size)
+            world = _cached_world(self.seed, self.world_size)
         if self.general:
             general = []
             for src in self.general:
@@ -317,14 +316,25 @@ class SafetyDataModule(LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
 
-    def train_dataloader(self) -> ResumableDataLoader:
+    def train_dataloader(self) -> DataLoader:
+        """The resumable train loader; a re-built one continues where the previous one stopped."""
         self.setup()
         assert self.train_dataset is not None
         trainer = self._trainer_or_none()
+        if trainer is not None and trainer.overfit_batches > 0:
+            # Lightning's debug mode swaps in a sequential sampler (re-building the loader); there is
+            # no run to resume, so hand it a plain loader.
+            return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self._collator(),
+                              num_workers=self.num_workers)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        previous = self._sampler
         self._sampler = ResumableSampler(self.train_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        if self._pending_state is not None:
+        if self._pending_state is not None:  # a checkpoint's state, loaded before the loader existed
             self._apply_state(self._pending_state)
+            self._pending_state = None
+        elif previous is not None:
+            # Re-built loader (e.g. reload_dataloaders_every_n_epochs): continue, never replay.
+            self._sampler.load_state_dict(previous.state_dict())
         return _TrainLoader(
             self.train_dataset, sampler=self._sampler, batch_size=self.batch_size, collate_fn=self._collator(),
             num_workers=self.num_workers, owner=self,
@@ -357,9 +367,10 @@ class SafetyDataModule(LightningDataModule):
             return
         if state_dict.get("version") != _STATE_VERSION or "sampler" not in state_dict:
             raise ValueError(f"not a SafetyDataModule state (version {state_dict.get('version')!r})")
-        self._pending_state = dict(state_dict)
         if self._sampler is not None:
             self._apply_state(state_dict)
+        else:
+            self._pending_state = dict(state_dict)
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         assert self._sampler is not None
@@ -398,6 +409,14 @@ class SafetyDataModule(LightningDataModule):
         ]
         lines += ["note: " + n for n in self._notes + res.notes]
         return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_world(seed: int, size: str) -> Any:
+    """The built-in world, built once per process (deterministic; its pools are fresh lists)."""
+    from equilibrate_pl.data.world import build_world
+
+    return build_world(seed=seed, size=size)
 
 
 def _group_pools(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

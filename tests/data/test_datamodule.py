@@ -89,7 +89,7 @@ def test_sft_and_prompt_stages(equilibrate_cache):
 
 
 def test_resume_continues_with_the_exact_next_batches(preference_dm, equilibrate_cache):
-    uninterrupted = batches(preference_dm)
+    uninterrupted = batches(tiny_module())
     for k in (0, 3, len(uninterrupted) - 1):
         dm = tiny_module()
         taken = batches(dm, k)
@@ -107,10 +107,20 @@ def test_resume_continues_with_the_exact_next_batches(preference_dm, equilibrate
     loader = ref.train_dataloader()
     list(loader)
     assert same_batches(nxt, list(loader))
+    # Re-building the loader (Lightning's reload_dataloaders_every_n_epochs) continues, never replays.
+    state = ref.state_dict()  # end of epoch 1
+    assert same_batches(batches(ref, 2), batches(fresh_after(state), 2))
+    assert (ref.state_dict()["sampler"]["epoch"], ref.state_dict()["sampler"]["position"]) == (2, 16)
+
+
+def fresh_after(state: dict) -> SafetyDataModule:
+    dm = tiny_module()
+    dm.load_state_dict(state)
+    return dm
 
 
 def test_workers_give_the_same_batches_and_resume_exactly(preference_dm, equilibrate_cache):
-    serial = batches(preference_dm)
+    serial = batches(tiny_module())
     dm = tiny_module(num_workers=2)
     it = iter(dm.train_dataloader())
     taken = [next(it) for _ in range(4)]  # the workers have prefetched more than this
