@@ -399,6 +399,14 @@ class PolicyModule(LightningModule):
                     shard_module(model, dp_mesh)
         self._configured = True
 
+    def setup(self, stage: str) -> None:
+        precision = str(getattr(self.trainer, "precision", ""))
+        if precision.startswith("16"):
+            raise ValueError(
+                f"PolicyModule does not support precision={precision!r} (fp16 needs a gradient scaler on every "
+                "PPO minibatch step); use 'bf16-mixed', 'bf16-true' or 32"
+            )
+
     @staticmethod
     def _freeze(model: nn.Module) -> nn.Module:
         model.eval()
@@ -632,11 +640,13 @@ class PolicyModule(LightningModule):
         p = rollout.prompt_length
         sums: dict[str, float] = {}
         count = 0
+        n_minibatches = len(_chunks(n, self.ppo.minibatch_size))
         for epoch in range(self.ppo.ppo_epochs):
             # Same permutation on every rank (seeded by step and epoch): shards stay aligned.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + epoch)
             order = torch.randperm(n, generator=gen)
-            for idx in _chunks(n, self.ppo.minibatch_size, order):
+            for mb_index, idx in enumerate(_chunks(n, self.ppo.minibatch_size, order)):
+                last_step = epoch == self.ppo.ppo_epochs - 1 and mb_index == n_minibatches - 1
                 mb = rollout.select(idx)
                 # Normalise by the GLOBAL token counts of this minibatch: with gradients averaged
                 # over ranks, N processes then take exactly the step of one holding all rows.
@@ -664,13 +674,15 @@ class PolicyModule(LightningModule):
                 actor_opt.zero_grad(set_to_none=True)
                 self.manual_backward(total)
                 grad_norm = self._clip(actor_opt)
-                actor_opt.step()
                 if critic_opt is not None:
                     critic_opt.zero_grad(set_to_none=True)
                     self.manual_backward(vf_loss)
                     critic_grad_norm = self._clip(critic_opt)
-                    critic_opt.step()
+                    _optimizer_step(critic_opt, count=False)
                     sums["grad_norm/critic"] = sums.get("grad_norm/critic", 0.0) + critic_grad_norm
+                # Lightning counts every optimizer step of manual optimization as a global step;
+                # count one per PPO iteration so `max_steps` and checkpoint intervals mean rollouts.
+                _optimizer_step(actor_opt, count=last_step)
                 # Per-minibatch statistics, averaged over minibatches and ranks for logging.
                 step_stats = {
                     "loss/policy": pg_loss.detach(),
@@ -683,7 +695,7 @@ class PolicyModule(LightningModule):
                 }
                 if epoch == 0 and count == 0:
                     sums["ppo/first_ratio_max_deviation"] = float(
-                        ((out["logprobs"] - mb["logprobs"]).abs() * mb["response_mask"]).max()
+                        ((out["logprobs"].detach() - mb["logprobs"]).abs() * mb["response_mask"]).max()
                     )
                 for key, value in step_stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
@@ -855,6 +867,17 @@ def _global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask
     _, var_t = _global_masked_stats(returns, mask)
     _, var_r = _global_masked_stats(returns - values, mask)
     return 1.0 - var_r / var_t.clamp(min=1e-12)
+
+
+def _optimizer_step(optimizer: Any, count: bool) -> None:
+    """Step a ``LightningOptimizer`` (counted in ``global_step``) or its wrapped optimizer (not).
+
+    Mixed precision with a gradient scaler (``16-mixed``) needs Lightning's counted path for every
+    step; :meth:`PolicyModule.setup` refuses it. bf16 needs no scaler."""
+    if count or not hasattr(optimizer, "optimizer"):
+        optimizer.step()
+    else:
+        optimizer.optimizer.step()
 
 
 def _chunks(n: int, size: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
