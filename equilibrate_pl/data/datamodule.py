@@ -135,6 +135,7 @@ class SafetyDataModule(LightningDataModule):
         builtin_world: use the built-in synthetic world for a pool that has no files.
         world_size: size of the built-in world, ``default`` or ``tiny`` (not the distributed
             world size, which comes from the Trainer).
+        world_seed: seed of the built-in world (the data themselves; ``seed`` varies the mix).
         categorizer: ``None`` keeps the groups in the data; ``labels`` | ``rules`` |
             ``classifier`` | ``judge`` re-categorizes every safety row (``data.fdc``).
         categorizer_args: keyword arguments of ``data.fdc.build_categorizer``.
@@ -161,6 +162,7 @@ class SafetyDataModule(LightningDataModule):
         safety: list[DataSource] | None = None,
         builtin_world: bool = True,
         world_size: Literal["default", "tiny"] = "default",
+        world_seed: int = 0,
         categorizer: str | None = None,
         categorizer_args: dict[str, Any] | None = None,
         mix: Literal["ratio", "quota", "all", "naive"] = "ratio",
@@ -190,7 +192,7 @@ class SafetyDataModule(LightningDataModule):
             raise ValueError("builtin_world=False needs both `general` and `safety` data sources")
         self.stage_kind = stage
         self.tokenizer_name = tokenizer
-        self.builtin_world, self.world_size = builtin_world, world_size
+        self.builtin_world, self.world_size, self.world_seed = builtin_world, world_size, world_seed
         self.categorizer, self.categorizer_args = categorizer, dict(categorizer_args or {})
         self.mix_mode, self.ratios, self.quotas = mix, ratios, quotas
         self.naive_scale, self.replacement, self.seed = naive_scale, replacement, seed
@@ -262,7 +264,7 @@ class SafetyDataModule(LightningDataModule):
     def _load_pools(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]] | None]:
         world = None
         if self.builtin_world and not (self.general and self.safety):
-            world = _cached_world(self.seed, self.world_size)
+            world = _cached_world(self.world_seed, self.world_size)
         if self.general:
             general = []
             for src in self.general:
@@ -275,7 +277,7 @@ class SafetyDataModule(LightningDataModule):
                 general.extend({**r, "group": Group.GENERAL.value} for r in rows)
         else:
             general = world.general_pool("train")
-            self._sources.append(f"general: built-in world ({self.world_size}, seed {self.seed}), train split, {len(general)} rows")
+            self._sources.append(f"general: built-in world ({self.world_size}, seed {self.world_seed}), train split, {len(general)} rows")
         if self.safety:
             safety = [r for src in self.safety for r in self._load(src, "safety")]
         else:
@@ -286,8 +288,8 @@ class SafetyDataModule(LightningDataModule):
         return general, safety, val_pool
 
     def _load(self, src: DataSource, pool: str) -> list[dict[str, Any]]:
-        natural = {"sft": "sft", "preference": "preference", "prompt": "prompt"}[self.stage_kind]
-        kind = src.kind if src.kind is not None else (None if src.preset else natural)
+        # No kind and no preset: read the file as the records this stage trains on.
+        kind = src.kind if src.kind is not None else (None if src.preset else self.stage_kind)
         result = load_records(src, kind, on_bad_row=self.on_bad_row)
         counts = ", ".join(f"{g} {n}" for g, n in sorted(result.group_counts().items()))
         skipped = f", {len(result.skipped)} rows skipped" if result.skipped else ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -163,3 +165,36 @@ def test_builtin_tokenizer_round_trip(equilibrate_cache):
     assert tok.decode(prompt_ids) == tok.apply_chat_template(
         [{"role": "user", "content": "How do I kill a Python process?"}], add_generation_prompt=True, tokenize=False
     )
+
+
+WORDS = ["hi", "yo", "ok", "sure", "no", "why"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6),
+                            st.lists(st.sampled_from(WORDS), min_size=0, max_size=8)), min_size=1, max_size=5),
+    max_prompt_length=st.integers(2, 8),
+    extra=st.integers(1, 8),
+)
+def test_ragged_batches_match_a_per_row_loop(word_tokenizer, rows, max_prompt_length, extra):
+    """PITFALLS #5: ragged lengths, checked row by row against ids built here from VOCAB."""
+    max_length = max_prompt_length + extra
+    coll = SFTCollator(word_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    batch = coll.collate_records([{"prompt": " ".join(p), "response": " ".join(r)} for p, r in rows])
+    width = batch["input_ids"].shape[1]
+    for i, (p, r) in enumerate(rows):
+        prompt = [VOCAB["<u>"]] + [VOCAB[w] for w in p] + [VOCAB["<a>"]]
+        prompt_cut = len(prompt) > max_prompt_length
+        prompt = prompt[-max_prompt_length:]
+        response = [VOCAB[w] for w in r] + [VOCAB["<eos>"]]
+        budget = max_length - len(prompt)
+        response_cut = len(response) > budget
+        response = response[:budget]
+        n = len(prompt) + len(response)
+        assert batch["input_ids"][i].tolist() == prompt + response + [VOCAB["<pad>"]] * (width - n)
+        assert batch["labels"][i].tolist() == [IGNORE_INDEX] * len(prompt) + response + [IGNORE_INDEX] * (width - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+        assert batch["prompt_truncated"][i].item() == prompt_cut
+        assert batch["response_truncated"][i].item() == response_cut
+        assert (VOCAB["<eos>"] in batch["labels"][i].tolist()) == (not response_cut)
