@@ -64,7 +64,7 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     Cached under `<cache>/smollm2-135m-instruct-v<n>/` (`$EQUILIBRATE_CACHE`, else
     `~/.cache/equilibrate`); concurrent callers each convert into a private temp dir and the first
-    rename wins. Conversion takes ~20-30 s on 2 CPU cores and needs ~1.5 GB of RAM.
+    rename wins. Conversion takes 30-70 s on 2 CPU cores and peaks at 1.2 GB of RAM.
     """
     from equilibrate_pl.models.tiny import default_cache_dir
 
