@@ -268,3 +268,18 @@ def test_built_from_yaml_with_jsonargparse(tmp_path):
     assert dm.safety[0].preset == "beavertails-fdc" and dm.quotas == {"EHD": 10, "IHD": 3, "MHD": 1}
     with pytest.raises(Exception, match="Literal\\['ratio', 'quota', 'all', 'naive'\\]"):
         parser.parse_string("data: {class_path: equilibrate_pl.data.SafetyDataModule, init_args: {mix: sorted}}")
+
+
+def test_real_fdc_labelled_prompts_as_safety_data(shared_data, equilibrate_cache):
+    """BeaverTails prompts labelled by the paper's authors, mixed with the world's general prompts."""
+    source = DataSource(str(shared_data / "beavertails-fdc" / "beavertails_selected_relabelled.json"), preset="beavertails-fdc")
+    dm = tiny_module(stage="prompt", safety=[source], mix="quota", quotas={"EHD": 30, "IHD": 20, "MHD": 10}, val_size=0)
+    dm.setup()
+    assert {g: dm.mix_result.counts[g] for g in ("EHD", "IHD", "MHD")} == {"EHD": 30, "IHD": 20, "MHD": 10}
+    # The authors' "No risk" / "OTHER" rows map to general: reported, not mixed as safety data.
+    assert dm.mix_result.available == {"EHD": 433, "IHD": 1550, "MHD": 482, "general": len(build_world(0, "tiny").general_pool("train"))}
+    assert any("559 safety rows labelled 'general' not mixed" in n for n in dm.mix_result.notes)
+    assert "beavertails_selected_relabelled.json" in dm.describe()
+    assert dm.val_dataloader() == []
+    b = batches(dm, 1)[0]
+    assert b["input_ids"].shape[0] == 8 and (b["attention_mask"][:, -1] == 1).all()
