@@ -169,3 +169,14 @@ def test_four_bit_reward_keeps_full_precision_head(reward, tmp_path):
     assert torch.isfinite(q).all()
     # nf4 error on the backbone only: small next to the spread of the full-precision scores
     assert (q - full).abs().max() < 0.3 * full[enc["attention_mask"].bool()].std()  # measured: 0.16
+
+
+def test_qlora_critic_gradients_reach_lora_and_head():
+    critic, tok = load_scalar_model("builtin:tiny", lora=LoraSettings(r=4), quant=QuantSettings(bits=4))
+    enc = _encode(tok, "left")
+    scores = position_scores(critic, enc["input_ids"], enc["attention_mask"])
+    (scores.sum() / enc["attention_mask"].sum()).backward()
+    grads = {n: p.grad for n, p in critic.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert all("lora_" in n or ".score.modules_to_save." in n for n in grads)
+    assert scalar_head(critic).weight.grad.abs().sum() > 0
