@@ -167,15 +167,17 @@ def _plots(result: EvalResult, out: Path) -> dict[str, Path]:
         ax.set_xticks(range(len(cols)), cols)
         ax.set_ylim(0, 1.05)
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         paths[f"{fname}_png"] = _atomic_figure(fig, out / f"{fname}.png")
         plt.close(fig)
     if len(names) >= 2:
         fig, ax = plt.subplots(figsize=(4.5, 4))
-        for n in names:
+        markers = "osD^vP*X"
+        for i, n in enumerate(names):
             x, y = result.models[n].metrics["over_refusal_rate"], result.models[n].metrics["safety_rate"]
-            ax.scatter([x], [y], s=40)
-            ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            # distinct markers + legend: models with equal numbers would hide each other's labels
+            ax.scatter([x], [y], s=60, marker=markers[i % len(markers)], alpha=0.8, label=n)
+        ax.legend(fontsize=8, loc="lower right")
         ax.set_xlabel("over-refusal rate (benign prompts)")
         ax.set_ylabel("safety rate (harmful prompts)")
         ax.set_xlim(-0.05, 1.05)
