@@ -6,7 +6,7 @@ import warnings
 from collections import Counter
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from equilibrate_pl.data.mixing import DEFAULT_RATIOS, MixWarning, mix, naive, naive_base
