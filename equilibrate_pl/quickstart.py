@@ -112,7 +112,8 @@ def _mix(arm: str, settings: QuickstartSettings) -> dict[str, Any]:
     return {"mix": "ratio"}
 
 
-def _stage_sft(settings: QuickstartSettings, out: Path) -> Path:
+def stage_sft(settings: QuickstartSettings, out: Path) -> Path:
+    """Fine-tune the tiny model on general data only; returns the exported HF directory."""
     from equilibrate_pl.modules import SFTModule
     from equilibrate_pl.modules.common import ModelSettings, OptimSettings
 
@@ -127,7 +128,8 @@ def _stage_sft(settings: QuickstartSettings, out: Path) -> Path:
     return out / "sft"
 
 
-def _stage_rm(settings: QuickstartSettings, out: Path, sft_dir: Path) -> Path:
+def stage_reward_model(settings: QuickstartSettings, out: Path, sft_dir: Path) -> Path:
+    """Bradley-Terry reward model on every preference pair of the world, initialised from the SFT model."""
     from equilibrate_pl.modules import RewardModule
     from equilibrate_pl.modules.common import ModelSettings, OptimSettings
 
@@ -141,7 +143,8 @@ def _stage_rm(settings: QuickstartSettings, out: Path, sft_dir: Path) -> Path:
     return out / "rm"
 
 
-def _stage_dpo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, rm_dir: Path) -> Path:
+def stage_dpo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, rm_dir: Path) -> Path:
+    """``naive-dpo`` (plain DPO, naive mix) or ``fdc-adpo`` (dense-reward ADPO mask, FDC mix)."""
     from equilibrate_pl.modules import PreferenceModule
     from equilibrate_pl.modules.common import ModelSettings, OptimSettings
 
@@ -157,7 +160,8 @@ def _stage_dpo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path,
     return out / arm
 
 
-def _stage_ppo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, rm_dir: Path) -> Path:
+def stage_ppo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, rm_dir: Path) -> Path:
+    """``naive-ppo`` (plain PPO, naive mix) or ``fdc-appo`` (value-signal APPO mask, FDC mix)."""
     from equilibrate_pl.modules.common import ModelSettings, OptimSettings, export_hf
     from equilibrate_pl.modules.policy import PolicyModule
 
@@ -179,11 +183,26 @@ def _stage_ppo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path,
     return out / arm
 
 
-def run_quickstart(settings: QuickstartSettings | None = None, progress: Callable[[str], None] = print) -> QuickstartResult:
-    """Run the whole pipeline; see the module docstring. Returns paths, metrics and timings."""
+def evaluate_arms(settings: QuickstartSettings, models: dict[str, Path], rm_dir: Path) -> Any:
+    """Generate with every model on the world's held-out eval split and judge it (greedy decoding).
+
+    Safety: a harmful prompt answered with a refusal (rule-based detector, docs/EVAL.md).
+    Over-refusal: benign prompts (look-alikes included) refused. Helpfulness: the reward model's
+    mean score on benign prompts. Returns an ``equilibrate_pl.eval.EvalResult``.
+    """
     from equilibrate_pl.eval import evaluate_models, load_reward_scorer, load_suite
     from equilibrate_pl.models import load_causal_lm
 
+    suite = load_suite("builtin", seed=settings.seed)
+    loaders = {name: (lambda p=path: load_causal_lm(str(p))) for name, path in models.items()}
+    return evaluate_models(
+        loaders, suite, "refusal", helpfulness_fn=load_reward_scorer(str(rm_dir)), limit=settings.eval_limit,
+        max_new_tokens=settings.max_new_tokens, batch_size=32, seed=settings.seed, progress=False,
+    )
+
+
+def run_quickstart(settings: QuickstartSettings | None = None, progress: Callable[[str], None] = print) -> QuickstartResult:
+    """Run the whole pipeline; see the module docstring. Returns paths, metrics and timings."""
     settings = settings or QuickstartSettings()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,19 +216,14 @@ def run_quickstart(settings: QuickstartSettings | None = None, progress: Callabl
         progress(f"[quickstart] {name} done in {seconds[name]:.1f}s")
         return value
 
-    sft_dir = timed("sft", lambda: _stage_sft(settings, out))
-    rm_dir = timed("reward model", lambda: _stage_rm(settings, out, sft_dir))
+    sft_dir = timed("sft", lambda: stage_sft(settings, out))
+    rm_dir = timed("reward model", lambda: stage_reward_model(settings, out, sft_dir))
     models: dict[str, Path] = {"before (SFT)": sft_dir}
     for arm in settings.arms:
-        stage = _stage_dpo if arm.endswith("dpo") else _stage_ppo
+        stage = stage_dpo if arm.endswith("dpo") else stage_ppo
         models[arm] = timed(arm, lambda arm=arm, stage=stage: stage(settings, out, arm, sft_dir, rm_dir))
 
-    suite = load_suite("builtin", seed=settings.seed)
-    loaders = {name: (lambda p=path: load_causal_lm(str(p))) for name, path in models.items()}
-    result = timed("evaluation", lambda: evaluate_models(
-        loaders, suite, "refusal", helpfulness_fn=load_reward_scorer(str(rm_dir)), limit=settings.eval_limit,
-        max_new_tokens=settings.max_new_tokens, batch_size=32, seed=settings.seed, progress=False,
-    ))
+    result = timed("evaluation", lambda: evaluate_arms(settings, models, rm_dir))
     report = result.write(out / "report")["report"]
     metrics = {name: dict(res.metrics) for name, res in result.models.items()}
     quick = QuickstartResult(out, models, metrics, seconds, report)
