@@ -70,9 +70,7 @@ class LoraSettings:
         """The `peft.LoraConfig`; scalar heads pass their head as excluded and trained in full."""
         from peft import LoraConfig
 
-        modules_to_save = list(self.modules_to_save or []) + [
-            m for m in extra_modules_to_save if m not in (self.modules_to_save or [])
-        ]
+        modules_to_save = list(dict.fromkeys([*(self.modules_to_save or []), *extra_modules_to_save]))
         target = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         return LoraConfig(
             r=self.r,
@@ -354,8 +352,9 @@ def check_adapter_reference(model: nn.Module) -> None:
 
     Checks, inside `model.disable_adapter()`, that every peft layer reports itself disabled, including
     `modules_to_save` copies: peft <= 0.4 kept running the trained copy of a `modules_to_save` layer
-    with the adapter disabled (huggingface/peft#493, fixed by #736), so the "reference" silently carried the trained head/embedding (PITFALLS
-    #6). Also refuses a model with several adapters, whose base would include none of them.
+    with the adapter disabled (huggingface/peft#493, fixed by #736), so the "reference" silently
+    carried the trained head or embedding (PITFALLS #6). Also refuses a model with several adapters,
+    whose base would include none of them.
     """
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer

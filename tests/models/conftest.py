@@ -17,6 +17,12 @@ def _quiet_transformers():
     hf_logging.set_verbosity_error()
 
 
+@pytest.fixture(autouse=True)
+def _session_cache(equilibrate_cache: Path) -> Path:
+    # Every test here may resolve "builtin:tiny": build it in the session cache, never in ~/.cache.
+    return equilibrate_cache
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(equilibrate_cache: Path) -> Path:
     return tiny_model_dir(equilibrate_cache, seed=0)

@@ -80,7 +80,8 @@ def test_lora_only_adapter_trainable_and_count(tiny_dir):
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     # Hand count: "all-linear" adapts q,k,v,o,gate,up,down in every layer, r * (in + out) each.
     cfg = model.config
-    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
     assert sum(trainable.values()) == cfg.num_hidden_layers * per_layer == count_parameters(model)[0]
 
