@@ -244,3 +244,34 @@ def test_modules_to_save_not_restored_is_detected(batch, monkeypatch):
     with pytest.raises(ReferenceModelError):
         with adapter_disabled(critic):
             pass
+
+
+def test_added_pad_token_grows_embeddings(tmp_path):
+    """A checkpoint whose tokenizer has no pad: load_tokenizer adds <|pad|>, the embeddings grow by
+    one mean-initialised row, the config learns the pad id, and existing-token logits do not move."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from equilibrate_pl.models import tiny_llama_config
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": 3 + i for i in range(40)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert tok.pad_token is None
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(tiny_llama_config(len(tok), eos_token_id=2, bos_token_id=1))
+    original.save_pretrained(tmp_path / "nopad")
+    tok.save_pretrained(tmp_path / "nopad")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, loaded_tok = load_causal_lm(tmp_path / "nopad")
+    assert len(loaded_tok) == len(vocab) + 1 and loaded_tok.pad_token_id == len(vocab)
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == len(vocab) + 1
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == len(vocab) != model.config.eos_token_id
+    torch.testing.assert_close(emb[-1], original.get_input_embeddings().weight.mean(0), atol=1e-2, rtol=0)
+    ids = torch.tensor([[1, 5, 9, 12, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[..., : len(vocab)], original(ids).logits)
