@@ -174,12 +174,15 @@ def load_pretrained(
     config: Any = None,
     quant_skip_modules: Sequence[str] = (),
     output_loading_info: bool = False,
+    tokenizer: Any = None,
 ) -> Any:
     """`auto_cls.from_pretrained` with the project's safe defaults (safetensors, no remote code).
 
     A local peft adapter directory is loaded onto its base and MERGED, so that the result is a plain
     model: a new adapter on top of it then disables back to this model (PITFALLS #6: an SFT adapter
     left unmerged would be disabled together with the new one, giving the wrong reference).
+    `tokenizer` (the one the adapter was trained with) sizes the base's embeddings first, in case
+    a pad token was added then.
     """
     path = resolve_model_path(name_or_path)
     base = adapter_base_path(path)
@@ -197,6 +200,8 @@ def load_pretrained(
             auto_cls, base, dtype=dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation, config=config, output_loading_info=True,
         )
+        if tokenizer is not None:
+            sync_special_tokens(model, tokenizer)
         peft_model = PeftModel.from_pretrained(model, path)
         saved = set(peft_model.active_peft_config.modules_to_save or ())
         model = peft_model.merge_and_unload()
@@ -213,8 +218,9 @@ def load_pretrained(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if Path(path).is_dir():
-        # Refuse pickled `.bin` weights in local directories; hub ids let transformers pick safetensors
-        # first (and it loads any `.bin` fallback with `weights_only=True`).
+        # Local directories: safetensors whenever present; an old `.bin`-only directory still loads
+        # (transformers reads it with `weights_only=True`) but with a warning. Hub ids let
+        # transformers pick safetensors first.
         kwargs["use_safetensors"] = any(Path(path).glob("*.safetensors"))
         if not kwargs["use_safetensors"]:
             warnings.warn(f"{path} has no *.safetensors; loading pickled weights with weights_only=True")
@@ -308,7 +314,7 @@ def load_causal_lm(
     )
     model = load_pretrained(
         AutoModelForCausalLM, path, dtype=dtype, quant=quant,
-        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, tokenizer=tokenizer,
     )
     sync_special_tokens(model, tokenizer)
     model = prepare_for_training(

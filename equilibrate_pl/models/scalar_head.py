@@ -97,7 +97,7 @@ def load_scalar_model(
     model, info = load_pretrained(
         AutoModelForTokenClassification, path, dtype=dtype, quant=quant,
         trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-        config=config, quant_skip_modules=[HEAD_NAME], output_loading_info=True,
+        config=config, quant_skip_modules=[HEAD_NAME], output_loading_info=True, tokenizer=tokenizer,
     )
     head_missing = any(k.split(".")[0] == HEAD_NAME for k in info.get("missing_keys", ()))
     if init_from_causal_lm is False and head_missing:

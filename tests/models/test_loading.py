@@ -246,9 +246,8 @@ def test_modules_to_save_not_restored_is_detected(batch, monkeypatch):
             pass
 
 
-def test_added_pad_token_grows_embeddings(tmp_path):
-    """A checkpoint whose tokenizer has no pad: load_tokenizer adds <|pad|>, the embeddings grow by
-    one mean-initialised row, the config learns the pad id, and existing-token logits do not move."""
+def _checkpoint_without_pad(directory):
+    """A tiny Llama whose tokenizer has eos but no pad (like many base models on the hub)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -261,17 +260,41 @@ def test_added_pad_token_grows_embeddings(tmp_path):
     assert tok.pad_token is None
     torch.manual_seed(0)
     original = LlamaForCausalLM(tiny_llama_config(len(tok), eos_token_id=2, bos_token_id=1))
-    original.save_pretrained(tmp_path / "nopad")
-    tok.save_pretrained(tmp_path / "nopad")
+    original.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return original, len(vocab)
 
+
+def test_added_pad_token_grows_embeddings(tmp_path):
+    """load_tokenizer adds <|pad|>: the embeddings grow by one mean-initialised row, the config
+    learns the pad id, and the logits of existing tokens do not move."""
+    original, n_vocab = _checkpoint_without_pad(tmp_path / "nopad")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, loaded_tok = load_causal_lm(tmp_path / "nopad")
-    assert len(loaded_tok) == len(vocab) + 1 and loaded_tok.pad_token_id == len(vocab)
+        model, tok = load_causal_lm(tmp_path / "nopad")
+    assert len(tok) == n_vocab + 1 and tok.pad_token_id == n_vocab
     emb = model.get_input_embeddings().weight
-    assert emb.shape[0] == len(vocab) + 1
-    assert model.config.pad_token_id == model.generation_config.pad_token_id == len(vocab) != model.config.eos_token_id
+    assert emb.shape[0] == n_vocab + 1
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == n_vocab != model.config.eos_token_id
     torch.testing.assert_close(emb[-1], original.get_input_embeddings().weight.mean(0), atol=1e-2, rtol=0)
     ids = torch.tensor([[1, 5, 9, 12, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits[..., : len(vocab)], original(ids).logits)
+        torch.testing.assert_close(model(ids).logits[..., :n_vocab], original(ids).logits)
+
+
+def test_adapter_trained_with_added_pad_reloads(tmp_path):
+    """The SFT adapter of a model that got a pad token carries resized embeddings; loading it must
+    resize the base before attaching the adapter (else: size mismatch)."""
+    _checkpoint_without_pad(tmp_path / "nopad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sft, tok = load_causal_lm(tmp_path / "nopad", lora=LoraSettings(r=4))
+        _perturb_adapter(sft)
+        sft.save_pretrained(tmp_path / "adapter")
+        tok.save_pretrained(tmp_path / "adapter")
+        ids = torch.tensor([[1, 5, 9, len(tok) - 1, 2]])  # includes the new pad id
+        with torch.no_grad():
+            expected = sft(ids).logits
+        merged, _ = load_causal_lm(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
