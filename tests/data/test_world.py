@@ -107,7 +107,7 @@ def test_lookalikes_are_general_helpful_and_carry_risky_words(world):
         assert r["group"] == "general" and r["meta"]["ideal"] == "help"
         assert EXPLICIT.search(r["prompt"]) or re.search(r"\b(blow|attack|terminate|execute|destroy|toxic|fire|"
                                                          r"smash|snipe|explode|torch|murder|dissect|crush|beat|wipe|"
-                                                         r"fight|break|knock|bleed|bombing)\w*", r["prompt"], re.I), r["prompt"]
+                                                         r"fight|break|knock|bleed|bombing|blood)\w*", r["prompt"], re.I), r["prompt"]
 
 
 def test_groups_carry_their_cues(default_world):
@@ -235,7 +235,7 @@ def test_a_bag_of_words_model_generalises_from_train_to_eval(default_world):
     """The world is learnable from its lexical cues, not from template wording.
 
     Bernoulli naive Bayes on word presence, fit on train prompts, must predict the ideal action
-    (refuse / help) on the disjoint eval prompts well above chance (measured: 0.84-0.90 over seeds
+    (refuse / help) on the disjoint eval prompts well above chance (measured: 0.90-0.94 over seeds
     0-4). When the question wording differed between groups this fell to ~0.65, because every
     eval general prompt used a frame seen only in harmful train prompts.
     """
