@@ -37,7 +37,9 @@ from equilibrate_pl.models.loading import (
     tokenizer_source,
 )
 
-HEAD_NAME = "score"  # attribute name of the head in transformers' *ForTokenClassification models
+# Attribute name of the head in transformers' GenericForTokenClassification models (Llama, Qwen2/3,
+# Mistral, Gemma, Phi-3, ...); older encoder-style classes (GPT-2, BERT) call it `classifier`.
+HEAD_NAME = "score"
 
 
 def scalar_head(model: nn.Module) -> nn.Linear:
@@ -99,6 +101,11 @@ def load_scalar_model(
         trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
         config=config, quant_skip_modules=[HEAD_NAME], output_loading_info=True, tokenizer=tokenizer,
     )
+    if not isinstance(getattr(model, HEAD_NAME, None), nn.Linear):
+        raise ValueError(
+            f"{type(model).__name__} has no '{HEAD_NAME}' linear head; scalar models need an architecture built "
+            "on transformers' GenericForTokenClassification (Llama, Qwen2/3, Mistral, Gemma, Phi-3, ...)"
+        )
     head_missing = any(k.split(".")[0] == HEAD_NAME for k in info.get("missing_keys", ()))
     if init_from_causal_lm is False and head_missing:
         raise ValueError(
