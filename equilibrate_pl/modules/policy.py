@@ -366,10 +366,11 @@ class PolicyModule(LightningModule):
             raise ValueError("PolicyModule has no tokenizer (pass one to from_models)")
         if self.tokenizer.pad_token_id is None or self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
             raise ValueError("the tokenizer needs a pad token distinct from eos (PITFALLS #2)")
-        disable_dropout(self.actor)
+        # Train mode (gradient checkpointing needs it) with every dropout probability at zero.
+        disable_dropout(self.actor).train()
         self._freeze(self.reward_model)
         if self.critic is not None:
-            disable_dropout(self.critic)
+            disable_dropout(self.critic).train()
         if self.uses_critic and self.critic_mode == "shared" and self.value_head is None:
             from equilibrate_pl.models.scalar_head import init_scalar_head
 
