@@ -145,11 +145,9 @@ _NONSENSE_RE = re.compile(_alt(
     r"(?:question|this|it) (?:\w+ ){0,4}(?:a )?(?:joke|riddle|humorous|play on words|metaphor(?:ical)?|hypothetical|lighthearted|tongue-in-cheek)",
     r"(?:is|are) (?:a )?fictional (?:character|characters|concept|being|creature)", r"does not exist in (?:real life|the real world|reality)",
     r"not a real (?:person|being|character)", r"(?:inanimate|non-living|not (?:sentient|living|human) (?:beings|objects|entities))",
-    r"(?:is|are) not (?:capable|able) of (?:earning|speaking|voting|thinking|learning|holding|having)",
+    r"(?:is|are) not (?:capable|able) of", r"(?:do|does) not have the (?:capacity|ability|cognitive)",
     r"do not understand (?:the|your) question", r"(?:provide|give me) more context",
 ))
-
-
 _MORALIZING_RE = re.compile(_alt(
     r"not (?:appropriate|ethical|respectful|responsible|recommended|safe)", r"harmful", r"offensive",
     r"problematic", r"privacy", r"illegal", r"stereotyp", r"discriminat", r"violen", r"confidential",
