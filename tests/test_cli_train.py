@@ -1,0 +1,64 @@
+"""`equilibrate sft|rm|dpo` end to end in a subprocess: a run, --print_config, unknown keys, export."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _equilibrate(args: list[str], cwd: Path, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EQUILIBRATE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "equilibrate_pl.cli", *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def test_dpo_fit_from_the_tiny_config_then_export(tmp_path: Path, equilibrate_cache: Path) -> None:
+    config = REPO / "configs" / "dpo" / "tiny.yaml"
+    run = _equilibrate(["dpo", "fit", "--config", str(config), "--trainer.max_steps", "2",
+                        "--trainer.val_check_interval", "2"], tmp_path, equilibrate_cache)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "dpo" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 2
+    assert state["equilibrate_module"] == "equilibrate_pl.modules.preference.PreferenceModule"
+    assert any("RNGStateCallback" in k for k in state["callbacks"])
+    assert not any(k.startswith("reference.") for k in state["state_dict"])  # frozen copy not stored
+    assert (tmp_path / "runs" / "dpo" / "reference_cache").is_dir()  # precompute_reference: true
+
+    out = tmp_path / "export"
+    run = _equilibrate(["export", "--ckpt", str(ckpt), "--output", str(out)], tmp_path, equilibrate_cache)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    from equilibrate_pl.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(out))
+    trained = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    torch.testing.assert_close(model.state_dict()["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_print_config_resolves_the_recipe(stage: str, tmp_path: Path, equilibrate_cache: Path) -> None:
+    run = _equilibrate([stage, "fit", "--config", str(REPO / "configs" / stage / "tiny.yaml"), "--print_config"],
+                       tmp_path, equilibrate_cache, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = yaml.safe_load(run.stdout)
+    assert config["model"]["init_args"]["model"]["name_or_path"] == "builtin:tiny"
+    assert config["data"]["stage"] == ("sft" if stage == "sft" else "preference")
+    assert "tokenizer" not in config["data"]  # linked from the model's name_or_path
+
+
+def test_unknown_key_is_rejected_with_its_name(tmp_path: Path, equilibrate_cache: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    ama:\n      enabled: true\n      tokn_signal: implicit\n")
+    run = _equilibrate(["dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), "--config", str(bad),
+                        "--print_config"], tmp_path, equilibrate_cache, timeout=300)
+    assert run.returncode != 0
+    assert "tokn_signal" in run.stderr
