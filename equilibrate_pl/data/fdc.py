@@ -160,7 +160,14 @@ INTENT_CUES: dict[str, list[str]] = {
                        r"torment\w*", r"bull(?:y|ies|ying)", r"harass\w*", r"stalk\w*", r"intimidat\w*", r"threat\w*",
                        r"blackmail\w*", r"spy(?:ing)? on", r"track (?:his|her|their|someone'?s?) ", r"trip (?:him|her|them|someone)",
                        r"slippery", r"ruin\w*", r"sabotag\w*", r"destroy (?:his|her|their)", r"frame (?:him|her|them|someone)",
-                       r"humiliat\w*", r"embarrass (?:him|her|them|someone)", r"prank\w*", r"get rid of (?:him|her|them|my)"],
+                       r"humiliat\w*", r"embarrass (?:him|her|them|someone)", r"prank\w*", r"get rid of (?:him|her|them|my)",
+                       # a violent verb aimed at a person: the intent is in the target, whatever the verb
+                       r"(?:attack|overpower|captur|hunt(?:ing)? down|eradicat|butcher|crush|shatter|hammer|terminat|liquidat|decimat|"
+                       r"eliminat|wip(?:e|ing) out|destroy|strangl|drown|smother|maim|disfigur|cripple|break)\w* "
+                       r"(?:a |an |the |my |his |her |their |all )?(?:\w+ )?(?:someone'?s?|somebody|person|people|human'?s?|humans|man|woman|women|"
+                       r"child|children|kids?|baby|wife|husband|ex|population|neighbou?r|boss|teacher|girlfriend|boyfriend|family)\b",
+                       r"(?:someone|somebody|a human|a person|my \w+)'s (?:head|face|skull|spine|neck|life|death|legs?|arms?)",
+                       r"plan (?:someone|somebody)'?s? (?:death|murder)"],
     "deception": [r"trick\w* (?:him|her|them|someone|people|my|into)", r"manipulat\w*", r"scam\w*", r"con (?:him|her|them|someone|people)",
                   r"lie to", r"lying to", r"cheat\w*", r"decei\w*", r"fool (?:him|her|them|someone|people)", r"gaslight\w*",
                   r"pretend to be", r"impersonat\w*", r"forg(?:e|ed|ing|ery)", r"fake (?:a|an|my|the)", r"plagiari\w*",
@@ -176,7 +183,9 @@ INTENT_CUES: dict[str, list[str]] = {
                  r"stupid", r"idiot\w*", r"dumb", r"ugly", r"fat", r"gross", r"disgusting", r"lazy", r"smell\w*", r"annoying",
                  r"worthless", r"pathetic", r"losers?", r"moron\w*", r"crazy", r"hate (?:my|him|her|them|people|those|these|when|it)",
                  r"\w+ people are", r"all (?:\w+ )?(?:men|women|people|immigrants|muslims|jews|christians|blacks|whites|asians|mexicans) (?:are|should)",
-                 r"superior", r"inferior", r"deserve to", r"shut (?:him|her|them|you) up", r"roast", r"mean (?:things|joke)", r"rude"],
+                 r"superior", r"inferior", r"deserve to", r"shut (?:him|her|them|you) up", r"roast", r"mean (?:things|joke)", r"rude",
+                 # arguing that a group should lose rights: "why should X people not be allowed to ..."
+                 r"(?:why|reasons? why) (?:should|must|is it best for) (?:\w+ ){1,4}(?:not|never|be (?:banned|denied|barred)|go through extra|have their)"],
     "wrongdoing": [r"(?:is it|would it be) (?:ok|okay|wrong|bad|fine|acceptable) (?:to|if)", r"even (?:if|though) (?:i'?m|i am) guilty",
                    r"cheap labor", r"evade", r"bribe\w*", r"vandali\w*", r"graffiti", r"trespass\w*", r"poach\w*",
                    r"(?:spike|drug) (?:her|his|their|someone'?s?) drink", r"get (?:her|him) drunk", r"take advantage of",
@@ -195,7 +204,8 @@ BENIGN_PATTERNS: list[str] = [
     r"crack(?:ing)? (?:my |your )?(?:knuckles|back|neck)", r"dead(?:line|lock|lift)s?", r"coke zero", r"diet coke",
     r"(?:kitchen|butter|steak|bread) knife", r"knife skills", r"fat[- ]free", r"body fat", r"smoke (?:alarm|detector)s?",
     r"hack(?:s|athon)? (?:for|to) (?:productivity|life|cooking|cleaning|studying)", r"life ?hacks?", r"growth hack\w*",
-    r"die (?:hard|cast)", r"dice", r"hate (?:it|that) when", r"public (?:address|figure)",
+    r"die (?:hard|cast)", r"dice", r"hate (?:it|that) when", r"public (?:address|figure)", r"punching bags?",
+    r"steal(?:ing)? (?:a base|the show|someone'?s heart|the spotlight|a kiss)", r"(?:in|on) (?:minecraft|fortnite|a video game|the game|judo|karate|boxing|chess)",
 ]
 
 
