@@ -417,7 +417,11 @@ class PreferenceModule(LightningModule):
             self._load_cache_file(self._cache_file)
 
     def on_train_start(self) -> None:
-        """Precompute before the first step (after Lightning built the loaders; rank 0 writes the file)."""
+        """Precompute before the first step, after Lightning built the loaders.
+
+        Every rank runs the same pass (under FSDP the forward needs all ranks; under DDP it costs
+        one extra pass per rank, once); rank 0 writes the file.
+        """
         if not self.precompute_reference:
             return
         trainer = self.trainer
@@ -431,12 +435,10 @@ class PreferenceModule(LightningModule):
                 # (and its resumable position) is not touched.
                 loaders[split] = DataLoader(dl.dataset, batch_size=dl.batch_size or 1, collate_fn=dl.collate_fn, shuffle=False)
         assert self._cache_file is not None
-        if trainer.is_global_zero:
-            if self.precompute(loaders):
-                self._save_cache_file(self._cache_file)
+        computed = self.precompute(loaders)
+        if computed and trainer.is_global_zero:
+            self._save_cache_file(self._cache_file)
         trainer.strategy.barrier("reference_cache")
-        if not trainer.is_global_zero:
-            self._load_cache_file(self._cache_file)
 
     # -- Lightning hooks -------------------------------------------------------------------
 
