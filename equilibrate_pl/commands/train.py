@@ -15,6 +15,7 @@ writes checkpoints atomically (:class:`AtomicCheckpointIO`) and keeps the RNG st
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -62,17 +63,24 @@ def _link_for(module_class: type) -> str | None:
     return None
 
 
-def run_stage(module_class: type, data_stage: str, argv: list[str] | None, description: str) -> int:
+def run_stage(module_class: type, data_stage: str, argv: list[str] | None, description: str, prog: str = "equilibrate") -> int:
     """Run one stage's LightningCLI on ``argv`` (``fit``/``validate``/... plus options)."""
     from equilibrate_pl.data import SafetyDataModule
 
+    if argv is not None:
+        # LightningCLI reads sys.argv when `args` is None (and warns when both are present), and its
+        # help/usage text shows sys.argv[0]: present the stage's own command line.
+        saved, sys.argv = sys.argv, [prog, *argv]
+        try:
+            return run_stage(module_class, data_stage, None, description, prog)
+        finally:
+            sys.argv = saved
     EquilibrateCLI(
         module_class,
         SafetyDataModule,
         subclass_mode_model=True,
         data_stage=data_stage,
         model_link=_link_for(module_class),
-        args=argv,
         auto_configure_optimizers=False,  # each module builds AdamW + schedule from its `optim` settings
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
@@ -85,25 +93,25 @@ def sft(argv: list[str] | None = None) -> int:
     """`equilibrate sft`: supervised fine-tuning on prompt/response pairs."""
     from equilibrate_pl.modules.sft import SFTModule
 
-    return run_stage(SFTModule, "sft", argv, "Supervised fine-tuning (response tokens only).")
+    return run_stage(SFTModule, "sft", argv, "Supervised fine-tuning (response tokens only).", "equilibrate sft")
 
 
 def rm(argv: list[str] | None = None) -> int:
     """`equilibrate rm`: Bradley-Terry reward model."""
     from equilibrate_pl.modules.reward import RewardModule
 
-    return run_stage(RewardModule, "preference", argv, "Reward model (Bradley-Terry, scores every position).")
+    return run_stage(RewardModule, "preference", argv, "Reward model (Bradley-Terry, scores every position).", "equilibrate rm")
 
 
 def dpo(argv: list[str] | None = None) -> int:
     """`equilibrate dpo`: DPO, or ADPO with `model.init_args.ama.enabled: true`."""
     from equilibrate_pl.modules.preference import PreferenceModule
 
-    return run_stage(PreferenceModule, "preference", argv, "DPO / ADPO (DPO with the AMA token mask).")
+    return run_stage(PreferenceModule, "preference", argv, "DPO / ADPO (DPO with the AMA token mask).", "equilibrate dpo")
 
 
 def ppo(argv: list[str] | None = None) -> int:
     """`equilibrate ppo`: PPO / APPO / GRPO / RLOO (PolicyModule)."""
     from equilibrate_pl.modules.policy import PolicyModule  # imported lazily: large, and written separately
 
-    return run_stage(PolicyModule, "prompt", argv, "PPO / APPO / GRPO / RLOO on prompt batches.")
+    return run_stage(PolicyModule, "prompt", argv, "PPO / APPO / GRPO / RLOO on prompt batches.", "equilibrate ppo")
