@@ -25,6 +25,7 @@ FSDP2/DDP run on N processes computes the same update as one process holding the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 import warnings
@@ -227,9 +228,9 @@ class PolicyModule(LightningModule):
             ``critic_mode="shared"`` and for critic-free advantages.
         critic_mode: ``separate`` model, or ``shared``: a value head on the actor's last hidden
             state (one backbone, one optimizer with the critic's learning rate on the head).
-        reference: ``copy`` (a frozen copy of the initial actor), ``adapter`` (the actor with its
+        reference: ``copy`` (a frozen copy of the initial actor), ``adapter_disabled`` (the actor with its
             LoRA adapter disabled: no second copy in memory; checked per PITFALLS #6) or ``auto``
-            (``adapter`` when the actor has LoRA, else ``copy``).
+            (``adapter_disabled`` when the actor has LoRA, else ``copy``).
         advantage: ``gae`` (needs a critic) or critic-free ``grpo`` / ``rloo`` with
             ``samples_per_prompt >= 2`` responses per prompt.
         actor_optim, critic_optim: AdamW settings; the schedule steps once per rollout batch.
@@ -242,11 +243,11 @@ class PolicyModule(LightningModule):
 
     def __init__(
         self,
-        actor: Optional[ModelSettings] = None,
+        actor: ModelSettings = ModelSettings(),  # noqa: B008 - a dataclass default, copied below
         reward_model: Optional[ModelSettings] = None,
         critic: Optional[ModelSettings] = None,
         critic_mode: Literal["separate", "shared"] = "separate",
-        reference: Literal["auto", "copy", "adapter"] = "auto",
+        reference: Literal["auto", "copy", "adapter_disabled"] = "auto",
         generation: Optional[GenerationSettings] = None,
         ppo: Optional[PPOSettings] = None,
         kl: Optional[KLSettings] = None,
@@ -261,7 +262,7 @@ class PolicyModule(LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.actor_settings = coerce_settings(ModelSettings, actor) or ModelSettings()
+        self.actor_settings = dataclasses.replace(coerce_settings(ModelSettings, actor) or ModelSettings())
         self.reward_settings = coerce_settings(ModelSettings, reward_model)
         self.critic_settings = coerce_settings(ModelSettings, critic)
         self.generation = coerce_settings(GenerationSettings, generation) or GenerationSettings()
@@ -280,8 +281,8 @@ class PolicyModule(LightningModule):
             )
         if critic_mode not in ("separate", "shared"):
             raise ValueError(f"critic_mode must be 'separate' or 'shared', got {critic_mode!r}")
-        if reference not in ("auto", "copy", "adapter"):
-            raise ValueError(f"reference must be 'auto', 'copy' or 'adapter', got {reference!r}")
+        if reference not in ("auto", "copy", "adapter_disabled"):
+            raise ValueError(f"reference must be 'auto', 'copy' or 'adapter_disabled', got {reference!r}")
         self.critic_mode = critic_mode
         self.reference_mode = reference
         self.advantage = advantage
@@ -380,8 +381,8 @@ class PolicyModule(LightningModule):
         if self.reference is None:
             mode = self.reference_mode
             if mode == "auto":
-                mode = "adapter" if _is_peft(self.actor) else "copy"
-            if mode == "adapter":
+                mode = "adapter_disabled" if _is_peft(self.actor) else "copy"
+            if mode == "adapter_disabled":
                 from equilibrate_pl.models.loading import check_adapter_reference
 
                 check_adapter_reference(self.actor)
