@@ -1,0 +1,255 @@
+"""The paper's trade-off experiment at small scale: naive safety-data scaling vs the FDC mix.
+
+On the built-in world with the tiny model, per seed:
+
+1. one SFT policy on general data only (helpful-only start) and one reward model
+   (``equilibrate_pl.quickstart.stage_sft`` / ``stage_reward_model``);
+2. preference training from that policy on each data arm x algorithm:
+   ``naive-1x``, ``naive-3x``, ``naive-10x`` (unsorted safety pool, which holds mislabelled benign
+   look-alikes, drawn at 1/3/10 x the FDC safety budget) and ``fdc`` (the paper's per-group ratio
+   mix), each with DPO and with ADPO (dense reward-model token signal, batch-mean baseline);
+   ``--ppo`` adds PPO and APPO arms (``quickstart.stage_ppo``'s settings);
+3. every model (and the SFT start) evaluated with ``equilibrate_pl.eval.evaluate_models`` on the
+   built-in suite: safety per group (EHD/IHD/MHD), over-refusal on benign prompts (look-alikes
+   included), helpfulness (reward-model score on benign prompts) and balance.
+
+Mean and spread (sample standard deviation; min-max when fewer than 2 seeds give nothing) over
+seeds go to ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` in ``--out``.
+
+    python -m benchmarks.tradeoff --seeds 0 1 2            # the documented size
+    python -m benchmarks.tradeoff --seeds 0 --dpo-steps 60   # what fits a short budget
+
+The real-model variant (SmolLM2-135M-Instruct + LoRA, hh-rlhf pairs, BeaverTails-FDC prompts,
+XSTest) is described in ``benchmarks/README.md``; it is not implemented in this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("safety_rate", "safety_rate/EHD", "safety_rate/IHD", "safety_rate/MHD", "over_refusal_rate", "helpfulness", "balance")
+
+
+def data_arms(scales: list[float]) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, SafetyDataModule mix keywords)`` for every data arm."""
+    arms = [(f"naive-{s:g}x", {"mix": "naive", "naive_scale": float(s)}) for s in scales]
+    return arms + [("fdc", {"mix": "ratio"})]
+
+
+def train_preference(settings: Any, out: Path, name: str, mix: dict[str, Any], adpo: bool, sft_dir: Path, rm_dir: Path) -> Path:
+    """DPO or ADPO from the SFT policy on one data arm (quickstart.stage_dpo's settings, any mix)."""
+    from lightning.pytorch import seed_everything
+
+    from equilibrate_pl.modules import PreferenceModule
+    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
+    from equilibrate_pl.quickstart import _data, _trainer
+
+    seed_everything(settings.seed + 2, workers=True)
+    ama = {"enabled": adpo, "token_signal": "dense_reward", "baseline": "batch_mean"}
+    module = PreferenceModule(model=ModelSettings(str(sft_dir)), optim=OptimSettings(lr=5e-4, warmup_steps=5),
+                              beta=0.1, ama=ama, reward_model=str(rm_dir))
+    data = _data(settings, "preference", str(sft_dir), **mix)
+    _trainer(settings, name, settings.dpo_steps).fit(module, datamodule=data)
+    module.export(str(out / name))
+    return out / name
+
+
+def train_policy(settings: Any, out: Path, name: str, mix: dict[str, Any], appo: bool, sft_dir: Path, rm_dir: Path) -> Path:
+    """PPO or APPO (quickstart.stage_ppo's settings) on one data arm."""
+    from lightning.pytorch import seed_everything
+
+    from equilibrate_pl.modules.common import ModelSettings, OptimSettings, export_hf
+    from equilibrate_pl.modules.policy import PolicyModule
+    from equilibrate_pl.quickstart import _data, _trainer
+
+    seed_everything(settings.seed + 3, workers=True)
+    module = PolicyModule(
+        actor=ModelSettings(str(sft_dir)), reward_model=ModelSettings(str(rm_dir)), critic=ModelSettings(str(rm_dir)),
+        generation={"max_new_tokens": settings.max_new_tokens, "do_sample": True},
+        ppo={"ppo_epochs": 2, "minibatch_size": settings.batch_size}, kl={"coef": 0.05, "estimator": "k3"},
+        ama={"enabled": appo, "token_signal": "value", "baseline": "batch_mean"},
+        actor_optim=OptimSettings(lr=2e-4, scheduler="constant"), critic_optim=OptimSettings(lr=1e-3, scheduler="constant"),
+        seed=settings.seed,
+    )
+    data = _data(settings, "prompt", str(sft_dir), **mix)
+    _trainer(settings, name, settings.ppo_steps, limit_val_batches=0).fit(module, datamodule=data)
+    export_hf(module.actor, module.tokenizer, out / name)
+    return out / name
+
+
+def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[str, float]]:
+    from equilibrate_pl.quickstart import QuickstartSettings, evaluate_arms, stage_reward_model, stage_sft
+
+    out = args.workdir / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    done = out / "tradeoff-metrics.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("settings") == _seed_settings(args):
+            say(f"seed {seed}: reusing {done}")
+            return saved["metrics"]
+    settings = QuickstartSettings(
+        output_dir=str(out), seed=seed, sft_steps=args.sft_steps, rm_steps=args.rm_steps, dpo_steps=args.dpo_steps,
+        ppo_steps=args.ppo_steps, batch_size=args.batch_size, eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens,
+    )
+    say(f"seed {seed}: SFT")
+    sft_dir = stage_sft(settings, out)
+    say(f"seed {seed}: reward model")
+    rm_dir = stage_reward_model(settings, out, sft_dir)
+    models: dict[str, Path] = {"SFT (start)": sft_dir}
+    for data_name, mix in data_arms(args.scales):
+        for algo in args.algos:
+            name = f"{data_name}/{algo}"
+            say(f"seed {seed}: {name}")
+            safe = name.replace("/", "-")
+            if algo in ("dpo", "adpo"):
+                models[name] = train_preference(settings, out, safe, mix, algo == "adpo", sft_dir, rm_dir)
+            else:
+                models[name] = train_policy(settings, out, safe, mix, algo == "appo", sft_dir, rm_dir)
+    say(f"seed {seed}: evaluation of {len(models)} models")
+    result = evaluate_arms(settings, models, rm_dir)
+    metrics = {name: {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))} for name, res in result.models.items()}
+    from benchmarks.common import write_json_atomic
+
+    write_json_atomic(done, {"settings": _seed_settings(args), "metrics": metrics})
+    return metrics
+
+
+def _seed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a seed's results depend on: a finished seed is reused only with the same settings."""
+    keys = ("scales", "algos", "sft_steps", "rm_steps", "dpo_steps", "ppo_steps", "batch_size", "eval_limit", "max_new_tokens")
+    return {k: getattr(args, k) for k in keys}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {metric: {mean, std, min, max, n}}}`` over seeds."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    models = next(iter(per_seed.values())).keys()
+    for model in models:
+        out[model] = {}
+        for metric in METRICS:
+            values = [m[model][metric] for m in per_seed.values() if model in m and metric in m[model] and not math.isnan(m[model][metric])]
+            if not values:
+                continue
+            out[model][metric] = {
+                "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values), "max": max(values), "n": len(values),
+            }
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    agg = summary["aggregate"]
+    seeds = summary["seeds"]
+    head = ("| model | safety (harmful) | EHD | IHD | MHD | over-refusal (benign) | helpfulness (RM) | balance |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for model, metrics in agg.items():
+        cells = []
+        for metric in METRICS:
+            m = metrics.get(metric)
+            cells.append("-" if m is None else (f"{m['mean']:.3f} ± {m['std']:.3f}" if len(seeds) > 1 else f"{m['mean']:.3f}"))
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    spread = "mean ± sample std over seeds" if len(seeds) > 1 else "one seed: no spread"
+    return (f"Trade-off on the built-in world, tiny model; seeds {seeds} ({spread}); steps: {summary['settings']}\n\n"
+            + head + "\n" + "\n".join(rows) + "\n")
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Safety (harmful prompts refused) against over-refusal (benign refused), error bars = spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"dpo": "o", "adpo": "s", "ppo": "^", "appo": "D"}
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for model, metrics in summary["aggregate"].items():
+        if "safety_rate" not in metrics or "over_refusal_rate" not in metrics:
+            continue
+        s, o = metrics["safety_rate"], metrics["over_refusal_rate"]
+        data, _, algo = model.partition("/")
+        color = "black" if not algo else ("tab:green" if data == "fdc" else None)
+        ax.errorbar(o["mean"], s["mean"], xerr=o["std"], yerr=s["std"], marker=markers.get(algo, "*"), markersize=8,
+                    linestyle="none", capsize=3, label=model, color=color)
+    ax.set_xlabel("over-refusal rate on benign prompts (lower is better)")
+    ax.set_ylabel("safety rate on harmful prompts (higher is better)")
+    ax.set_title("Safety vs over-refusal: naive scaling vs FDC (tiny model)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="naive safety-data multiples")
+    parser.add_argument("--algos", nargs="+", default=["dpo", "adpo"], choices=["dpo", "adpo", "ppo", "appo"])
+    parser.add_argument("--ppo", action="store_true", help="also run PPO and APPO arms")
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--rm-steps", type=int, default=150)
+    parser.add_argument("--dpo-steps", type=int, default=120)
+    parser.add_argument("--ppo-steps", type=int, default=25)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many suite prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/tradeoff"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.ppo:
+        args.algos = list(dict.fromkeys([*args.algos, "ppo", "appo"]))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "transformers", "equilibrate_pl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import torch
+
+    from benchmarks.common import write_json_atomic, write_text_atomic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[tradeoff {time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    per_seed: dict[int, dict[str, dict[str, float]]] = {}
+    for seed in args.seeds:
+        per_seed[seed] = run_seed(seed, args, say)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    summary = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.tradeoff " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seeds": args.seeds, "settings": {k: settings[k] for k in ("scales", "algos", "sft_steps", "rm_steps", "dpo_steps",
+                                                                     "ppo_steps", "batch_size", "eval_limit", "max_new_tokens")},
+        "loadavg_end": list(os.getloadavg()), "seconds": time.perf_counter() - started,
+        "per_seed": {str(k): v for k, v in per_seed.items()}, "aggregate": aggregate(per_seed),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "tradeoff.json", summary)
+    write_text_atomic(args.out / "tradeoff.md", markdown(summary))
+    plot(summary, args.out / "tradeoff.png")
+    say(f"wrote {args.out / 'tradeoff.json'}")
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
