@@ -204,7 +204,15 @@ class ClassifierCategorizer(Categorizer):
         kwargs = dict(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, deterministic=True)
         kwargs.update(trainer_kwargs or {})
-        L.Trainer(**kwargs).fit(module, loader)
+        # A small head on cached features gains nothing from intra-op threads, and on a shared
+        # machine their spin-waits made each step 10x slower (measured): one thread for that fit.
+        threads = torch.get_num_threads()
+        if not finetune:
+            torch.set_num_threads(1)
+        try:
+            L.Trainer(**kwargs).fit(module, loader)
+        finally:
+            torch.set_num_threads(threads)
         self.backbone.eval()
         self.head.eval()
         self.trained = True
