@@ -14,12 +14,14 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
         mask: (B, L) bool/0-1, true on the tokens whose log-prob is wanted.
 
     Returns:
-        (B, L - 1): entry t is ``log p(labels[:, t + 1] | tokens <= t) * mask[:, t + 1]``.
+        (B, L - 1) in float32 (float64 for float64 logits): entry t is
+        ``log p(labels[:, t + 1] | tokens <= t) * mask[:, t + 1]``.
     """
     if logits.shape[:2] != labels.shape or labels.shape != mask.shape:
         raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
                          f"mask {tuple(mask.shape)}")
-    logits = logits[:, :-1].float()
+    # At least float32 (bf16/fp16 log-softmax loses ~2 digits); float64 input stays float64.
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     target_mask = mask[:, 1:].bool()
     # -100 (ignore) labels would be out of range for gather; their value is masked out anyway.
     targets = labels[:, 1:].clamp(min=0).unsqueeze(-1)
