@@ -142,9 +142,11 @@ def trained_judge_lm(equilibrate_cache):
         records.append({"prompt": TEMPLATE.format(prompt=q, response=REFUSE), "response": '{"verdict": "safe"}'})
         records.append({"prompt": TEMPLATE.format(prompt=q, response=COMPLY), "response": '{"verdict": "unsafe"}'})
     batch = SFTCollator(tok, max_length=96, max_prompt_length=64).collate_records(records)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(150):  # bounded; stops once the one token that differs (safe/unsafe) is learnt too
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        if loss.item() < 0.02:
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
