@@ -28,7 +28,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     # gather - logsumexp avoids materialising a second (B, L, V) tensor as log_softmax would.
     picked = torch.gather(logits, -1, targets).squeeze(-1)
     logps = picked - torch.logsumexp(logits, dim=-1)
-    return logps * target_mask
+    # where, not multiply: inf/nan logits at padding (e.g. fully masked attention rows) would turn
+    # into nan under `* 0` and poison the row sums.
+    return torch.where(target_mask, logps, torch.zeros_like(logps))
 
 
 def sequence_logprobs(token_logps: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
