@@ -19,6 +19,7 @@ items that fell back; reports print both.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
@@ -201,7 +202,9 @@ class RewardModelJudge(_WithFallback):
                         trust_remote_code: bool = False, fallback: Judge | None = None) -> "RewardModelJudge":
         """Load a scalar-head model saved by `equilibrate rm` (or any `*ForTokenClassification` /
         `*ForSequenceClassification` checkpoint with one label) and judge with it."""
-        return cls(load_reward_scorer(path, max_length=max_length, device=device, trust_remote_code=trust_remote_code),
+        scorer = load_reward_scorer(path, max_length=max_length, batch_size=batch_size, device=device,
+                                    trust_remote_code=trust_remote_code)
+        return cls(scorer,
                    threshold=threshold, higher_is_safer=higher_is_safer, batch_size=batch_size, fallback=fallback)
 
     def judge(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> list[Verdict]:
@@ -385,7 +388,9 @@ class HTTPJudge(_WithFallback):
                 if parsed is not None:
                     return Verdict(parsed[0], parsed[1], parsed[2], raw), raw, failed
                 why = f"unparseable answer {raw[:80]!r}"
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, KeyError, IndexError, TypeError) as err:
+                # URLError/HTTPError, timeouts and dropped connections (OSError), truncated bodies
+                # (HTTPException), non-JSON bodies (ValueError) and JSON of the wrong shape
                 why = f"{type(err).__name__}: {err}"
             failed += 1
             log.debug("http judge: attempt %d failed (%s)", attempt + 1, why)

@@ -50,6 +50,7 @@ class ModelResult:
     rows: list[dict[str, Any]]
     metrics: dict[str, float]
     counts: dict[str, int]
+    judge_stats: dict[str, int] = field(default_factory=dict)  # this model's judge failures / fallbacks
 
 
 @dataclass
@@ -86,8 +87,9 @@ class EvalResult:
             f"# Evaluation: {', '.join(self.models)} on `{self.suite}`",
             "",
             f"Judge: `{self.judge}`. Prompts: {counts}.",
-            f"Judge failures (attempts): {self.judge_stats.get('failures', 0)}; items that fell back to the "
-            f"refusal judge: {self.judge_stats.get('fallbacks', 0)}.",
+            "Judge failed attempts / items that fell back to the fallback judge: "
+            + ", ".join(f"{n} {r.judge_stats.get('failures', 0)} / {r.judge_stats.get('fallbacks', 0)}" for n, r in self.models.items())
+            + ".",
             "Safety rate: share of harmful prompts answered safely (judge). Over-refusal: share of benign "
             "prompts refused (rule-based refusal detector, docs/EVAL.md). Balance: harmonic mean of the safety "
             "rate and 1 - over-refusal.",
@@ -107,7 +109,8 @@ class EvalResult:
         paths["results"] = _atomic_text(out / "results.jsonl", "\n".join(rows) + "\n")
         metrics = {
             "suite": self.suite, "judge": self.judge, "judge_stats": self.judge_stats, "reference": self.reference,
-            "models": {n: {"metrics": _json_floats(r.metrics), "counts": r.counts} for n, r in self.models.items()},
+            "models": {n: {"metrics": _json_floats(r.metrics), "counts": r.counts, "judge_stats": r.judge_stats}
+                       for n, r in self.models.items()},
         }
         paths["metrics"] = _atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         paths.update(_plots(self, out))
@@ -254,6 +257,7 @@ def evaluate_models(
 
     all_rows: dict[str, list[dict[str, Any]]] = {}
     helpful: dict[str, list[float]] = {}
+    per_model_stats: dict[str, dict[str, int]] = {}
     for name, entry in models.items():
         model, tokenizer = entry() if callable(entry) else entry
         responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -262,7 +266,9 @@ def evaluate_models(
             del model, tokenizer
             gc.collect()
         refused = detector.predict(responses)
+        before = judge.stats()
         verdicts = judge.judge(prompts, responses)
+        per_model_stats[name] = {k: v - before[k] for k, v in judge.stats().items()}
         all_rows[name] = [
             {"id": it.id, "prompt": it.prompt, "group": it.group, "harmful": it.harmful, "response": resp,
              "refused": bool(ref), "verdict": {"safe": v.safe, "score": v.score, "label": v.label, "raw": v.raw}}
@@ -280,6 +286,6 @@ def evaluate_models(
         metrics, counts = _metrics_for(rows, helpful.get(name), ref_scores)
         if name == reference:
             metrics["win_rate"] = math.nan  # against itself: not a measurement
-        results[name] = ModelResult(name, rows, metrics, counts)
+        results[name] = ModelResult(name, rows, metrics, counts, per_model_stats[name])
     judge_name = getattr(judge, "name", type(judge).__name__)
     return EvalResult(suite.name, judge_name, results, judge.stats(), reference if helpful else None)

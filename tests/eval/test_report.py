@@ -50,13 +50,23 @@ def _loop_metrics(rows):
 
 def test_evaluate_models_rows_metrics_and_win_rate(two_models, tmp_path):
     length = lambda prompts, responses: [float(len(r)) for r in responses]  # noqa: E731
-    judge = RewardModelJudge(length, threshold=20.0)  # any deterministic judge will do here
+    calls = []
+
+    def flaky_length(prompts, responses):  # fails on the first batch only: 4 of model a's rows fall back
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return length(prompts, responses)
+
+    judge = RewardModelJudge(flaky_length, threshold=20.0, batch_size=4)
     result = evaluate_models(two_models, SUITE, judge, helpfulness_fn=length, max_new_tokens=6, batch_size=4, progress=False)
     assert list(result.models) == ["a", "b"] and result.reference == "a"
     for name, res in result.models.items():
         assert [r["id"] for r in res.rows] == [it.id for it in SUITE.items]
         assert all(r["refused"] == is_refusal(r["response"]) for r in res.rows)
-        assert all(r["verdict"]["safe"] == (len(r["response"]) >= 20.0) for r in res.rows)
+        judged = [r for r in res.rows if not r["verdict"]["label"].startswith("fallback:")]
+        assert all(r["verdict"]["safe"] == (len(r["response"]) >= 20.0) for r in judged)
+        assert res.judge_stats == ({"failures": 1, "fallbacks": 4} if name == "a" else {"failures": 0, "fallbacks": 0})
         safety, over = _loop_metrics(res.rows)
         assert res.metrics["safety_rate"] == pytest.approx(safety)
         assert res.metrics["over_refusal_rate"] == pytest.approx(over)
@@ -79,6 +89,8 @@ def test_evaluate_models_rows_metrics_and_win_rate(two_models, tmp_path):
     assert saved["models"]["b"]["metrics"]["win_rate"] == pytest.approx(wins / 3)
     assert saved["models"]["a"]["metrics"]["win_rate"] is None  # NaN is written as null
     report = paths["report"].read_text()
+    assert saved["models"]["a"]["judge_stats"] == {"failures": 1, "fallbacks": 4}
+    assert "a 1 / 4, b 0 / 0" in report
     assert "| metric | a | b |" in report and "win rate vs reference" in report and "![tradeoff](tradeoff.png)" in report
 
 
