@@ -118,6 +118,20 @@ def test_reward_judge_from_pretrained_scores_last_real_token(tmp_path, equilibra
                     for p, r in zip(prompts, responses)]
     assert scores == pytest.approx(expected, abs=1e-4)
 
+    # A TRL-style sequence classifier (one label) loads through the same scorer.
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    seq = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)).eval()
+    seq.save_pretrained(tmp_path / "seq")
+    tok.save_pretrained(tmp_path / "seq")
+    with torch.no_grad():
+        seq_expected = [seq(input_ids=torch.tensor([collator.encode({"prompt": p, "response": r})["input_ids"]])).logits[0, 0].item()
+                        for p, r in zip(prompts, responses)]
+    assert load_reward_scorer(str(tmp_path / "seq"))(prompts, responses) == pytest.approx(seq_expected, abs=1e-4)
+
     threshold = sorted(expected)[1]
     judge = build_judge(f"reward:{tmp_path / 'rm'}", threshold=threshold)
     assert [v.safe for v in judge.judge(prompts, responses)] == [s >= threshold for s in expected]
