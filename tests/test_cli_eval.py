@@ -69,3 +69,6 @@ def test_eval_bad_arguments(tmp_path, capsys):
     assert "unknown judge" in capsys.readouterr().err
     assert cli(["eval", "--model", "builtin:tiny", "--suite", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path)]) == 2
     assert cli(["eval", "--model", "x=a", "--model", "x=b", "--output", str(tmp_path)]) == 2
+    assert cli(["eval", "--model", "a=builtin:tiny", "--reference", "b", "--output", str(tmp_path)]) == 2
+    assert "--reference 'b'" in capsys.readouterr().err
+    assert cli(["eval", "--model", "builtin:tiny", "--limit", "0", "--output", str(tmp_path)]) == 2

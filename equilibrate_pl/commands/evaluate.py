@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         specs = _model_specs(args.model)
+        if args.reference is not None and args.reference not in specs:
+            raise ValueError(f"--reference {args.reference!r} is not one of the models {list(specs)}")
     except ValueError as err:
         print(f"equilibrate eval: {err}", file=sys.stderr)
         return 2
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from equilibrate_pl.models import load_causal_lm
 
     try:
-        suite = load_suite(args.suite, seed=args.seed)
+        suite = load_suite(args.suite, seed=args.seed).limit(args.limit, seed=args.seed)
         kind = args.judge.partition(":")[0]
         options: dict = {}
         if kind == "http":
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     helpfulness_fn = load_reward_scorer(args.reward) if args.reward else None
     loaders = {name: (lambda path=path: load_causal_lm(path, dtype=args.dtype, padding_side="left")) for name, path in specs.items()}
     result = evaluate_models(
-        loaders, suite, judge, helpfulness_fn=helpfulness_fn, reference=args.reference, limit=args.limit,
+        loaders, suite, judge, helpfulness_fn=helpfulness_fn, reference=args.reference,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
         progress=not args.no_progress,
     )
