@@ -26,7 +26,8 @@ def baseline_value(baseline: Baseline, signals: list[torch.Tensor], masks: list[
     if baseline == "zero":
         return torch.zeros((), dtype=torch.float32, device=signals[0].device)
     if baseline == "batch_mean":
-        total = sum((s.float() * m).sum() for s, m in zip(signals, masks))
+        # where, not multiply: inf/nan at padding would survive `* 0` as nan.
+        total = sum(torch.where(m.bool(), s.float(), 0.0).sum() for s, m in zip(signals, masks))
         count = sum(m.sum() for m in masks)
         # An all-padding batch has no tokens to keep; any baseline gives the same (empty) masks.
         return total / count.clamp(min=1)
