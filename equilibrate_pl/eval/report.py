@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from equilibrate_pl.data.schema import GROUP_NAMES
-from equilibrate_pl.eval.judges import Judge, RefusalJudge, build_judge
+from equilibrate_pl.eval.judges import Judge, build_judge
 from equilibrate_pl.eval.metrics import OVERALL, BalanceScore, Helpfulness, OverRefusalRate, SafetyRate
 from equilibrate_pl.eval.refusal import RefusalDetector, RuleRefusalDetector
 from equilibrate_pl.eval.suites import Suite, load_suite
