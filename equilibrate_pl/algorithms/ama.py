@@ -7,6 +7,7 @@ be empty falls back to its full mask, so every response still contributes; calle
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple, Union
 
 import torch
@@ -22,26 +23,39 @@ class AMAMasks(NamedTuple):
 
 
 def baseline_value(baseline: Baseline, signals: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
-    """The scalar baseline b: 0, a given float, or the mean signal over every real token given."""
+    """The scalar baseline b: 0, a given number, or the mean signal over every real token given.
+
+    b is computed in at least float32 (float64 when a signal is float64), so that a mean of bf16
+    signals is not rounded back onto the bf16 grid, where it could tie with the signals themselves.
+    """
+    dtype = functools.reduce(torch.promote_types, [s.dtype for s in signals], torch.float32)
+    device = signals[0].device
     if baseline == "zero":
-        return torch.zeros((), dtype=torch.float32, device=signals[0].device)
+        return torch.zeros((), dtype=dtype, device=device)
     if baseline == "batch_mean":
         # where, not multiply: inf/nan at padding would survive `* 0` as nan.
-        total = sum(torch.where(m.bool(), s.float(), 0.0).sum() for s, m in zip(signals, masks))
-        count = sum(m.sum() for m in masks)
+        total = sum(torch.where(m.bool(), s.to(dtype), 0.0).sum() for s, m in zip(signals, masks))
+        count = sum(m.bool().sum() for m in masks)
         # An all-padding batch has no tokens to keep; any baseline gives the same (empty) masks.
         return total / count.clamp(min=1)
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.tensor(float(baseline), device=signals[0].device)
+        return torch.tensor(float(baseline), dtype=dtype, device=device)
     raise ValueError(f"baseline must be 'zero', 'batch_mean' or a number, got {baseline!r}")
 
 
-def keep_tokens(signal: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_tokens(
+    signal: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, above: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep real tokens with signal > b where ``above`` (per row) is true, signal < b elsewhere.
 
-    Returns ``(keep, fallback)``: the (B, T) bool mask and a (B,) bool flag of rows whose selection
-    was empty although the row had real tokens, which therefore keep their full mask.
+    Ties (signal == b) are never kept. Returns ``(keep, fallback)``: the (B, T) bool mask and a (B,)
+    bool flag of rows whose selection was empty although the row had real tokens, which therefore
+    keep their full mask.
     """
+    b = torch.as_tensor(b, device=signal.device)
+    # Compare at the wider precision: a 0-dim float32 b against a bf16 signal would otherwise be
+    # rounded to bf16 by type promotion before the comparison.
+    signal = signal.to(torch.promote_types(signal.dtype, b.dtype))
     mask = mask.bool()
     above = above.bool().reshape(-1, 1)
     selected = torch.where(above, signal > b, signal < b) & mask
