@@ -124,3 +124,15 @@ def test_classifier_on_held_out_prompts(xstest, tmp_path):
 def test_untrained_classifier_raises():
     with pytest.raises(RuntimeError, match="not trained"):
         ClassifierRefusalDetector().predict(["hello"])
+
+
+def test_builtin_world_responses_are_classified_as_written():
+    """The world's refusals and decline-and-redirect answers are refusals; its real answers and its
+    harmful compliances are not (the quickstart's over-refusal numbers rest on this)."""
+    from equilibrate_pl.data.world import build_world
+
+    examples = [ex for exs in build_world(0).examples.values() for ex in exs]
+    assert all(is_refusal(ex.refusal) for ex in examples)
+    assert not any(is_refusal(ex.harmful) for ex in examples)
+    assert not any(is_refusal(ex.helpful) for ex in examples if ex.group == "general")
+    assert all(is_refusal(ex.helpful) for ex in examples if ex.group != "general")  # safe redirects decline
