@@ -22,6 +22,13 @@ class AMAMasks(NamedTuple):
     rejected_keep: torch.Tensor
 
 
+def _check_shapes(**tensors: torch.Tensor) -> None:
+    """All (B, T) with one shape; broadcasting a mismatch would silently select the wrong tokens."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if any(len(shape) != 2 for shape in shapes.values()) or len(set(shapes.values())) != 1:
+        raise ValueError(f"expected (batch, tokens) tensors of one shape, got shapes {shapes}")
+
+
 def baseline_value(baseline: Baseline, signals: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
     """The scalar baseline b: 0, a given number, or the mean signal over every real token given.
 
@@ -77,7 +84,11 @@ def adpo_masks(
     ``batch_mean`` uses the mean signal over all real tokens of chosen AND rejected together.
     With ``return_fallbacks`` also returns the (B,) empty-mask fallback flags of chosen and rejected.
     """
-    b = baseline_value(baseline, [chosen_signal, rejected_signal], [chosen_mask.bool(), rejected_mask.bool()])
+    _check_shapes(chosen_signal=chosen_signal, chosen_mask=chosen_mask)
+    _check_shapes(rejected_signal=rejected_signal, rejected_mask=rejected_mask)
+    if chosen_signal.shape[0] != rejected_signal.shape[0]:
+        raise ValueError(f"chosen and rejected batch sizes differ: {chosen_signal.shape[0]} vs {rejected_signal.shape[0]}")
+    b = baseline_value(baseline, [chosen_signal, rejected_signal], [chosen_mask, rejected_mask])
     above = torch.ones(chosen_signal.shape[0], dtype=torch.bool, device=chosen_signal.device)
     chosen_keep, chosen_fb = keep_tokens(chosen_signal, chosen_mask, b, above)
     rejected_keep, rejected_fb = keep_tokens(rejected_signal, rejected_mask, b, ~above)
@@ -105,7 +116,8 @@ def appo_mask(
     A row's sequence-level advantage A is its advantage at the first response token (with GAE and
     gamma = 1 that is the return-to-go of the whole response minus the first value).
     """
-    b = baseline_value(baseline, [token_signal], [action_mask.bool()])
+    _check_shapes(advantages=advantages, token_signal=token_signal, action_mask=action_mask)
+    b = baseline_value(baseline, [token_signal], [action_mask])
     positive = sequence_advantage(advantages, action_mask) >= 0
     keep, fallback = keep_tokens(token_signal, action_mask, b, positive)
     return (keep, fallback) if return_fallbacks else keep
