@@ -255,3 +255,62 @@ def test_tiny_run_grows_the_validation_margin(ama: bool, tmp_path: Path, equilib
     if ama:  # the mask really selected tokens, on both sides
         assert 0.0 < float(after["train/kept_chosen"]) < 1.0
         assert 0.0 < float(after["train/kept_rejected"]) < 1.0
+
+
+def _rss_mib(field: str) -> float:
+    """Linux /proc/self/status field (VmRSS: now, VmHWM: peak since the last reset) in MiB; 0 elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+@pytest.mark.slow
+def test_one_adpo_step_on_smollm2_with_lora(equilibrate_cache: Path) -> None:
+    """One ADPO step (implicit signal, adapter-disabled reference) on SmolLM2-135M-Instruct, CPU.
+
+    Prints step time and peak resident memory (docs/TRAINING.md quotes them).
+    """
+    import resource
+    import time
+
+    from equilibrate_pl.data.collate import build_collator
+    from equilibrate_pl.data.world import build_world
+
+    pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    module = PreferenceModule(
+        model=ModelSettings(name_or_path="builtin:smollm2", lora={"r": 16, "alpha": 32}),
+        reference="adapter_disabled", optim=OptimSettings(lr=1e-4), beta=0.1,
+        ama=AMASettings(enabled=True, token_signal="implicit", baseline="batch_mean"),
+    )
+    records = build_world(seed=0, size="tiny").preference_records("train")[:4]
+    batch = build_collator("preference", module.tokenizer, max_length=256, max_prompt_length=128).collate_records(records)
+    optimizer = module.configure_optimizers()["optimizer"]
+    lora_before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    loaded_mib = _rss_mib("VmRSS")
+    _reset_peak_rss()  # measure the steps, not the one-off GGUF conversion of the first load
+    times = []
+    for _ in range(2):  # the first step includes one-off allocations; report both
+        start = time.perf_counter()
+        loss, stats = module.compute_loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    peak_mib = _rss_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tokens = int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+    print(f"\nSmolLM2-135M LoRA ADPO step: batch 4 pairs, {tokens} tokens, step times {[round(t, 2) for t in times]} s, "
+          f"RSS after loading {loaded_mib:.0f} MiB, peak RSS during the steps {peak_mib:.0f} MiB, kept chosen {float(stats['kept_chosen']):.2f} rejected {float(stats['kept_rejected']):.2f}")
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(p.detach(), lora_before[n]) for n, p in module.model.named_parameters() if p.requires_grad)
