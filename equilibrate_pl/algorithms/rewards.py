@@ -15,7 +15,8 @@ def dense_rewards(prefix_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tens
             before it, so ``mask[:, 0]`` must be false.
 
     Returns:
-        (B, L): ``S_t - S_{t-1}`` on response tokens, zero elsewhere. Over a contiguous response
+        (B, L) in float32 (float64 for float64 scores): ``S_t - S_{t-1}`` on response tokens, zero
+        elsewhere. Over a contiguous response
         the rewards telescope to ``S(last token) - S(end of prompt)``.
     """
     if prefix_scores.shape != mask.shape:
@@ -23,6 +24,7 @@ def dense_rewards(prefix_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     mask = mask.bool()
     if mask[:, 0].any():
         raise ValueError("mask[:, 0] is set: a response token needs a prompt token before it")
-    scores = prefix_scores.float()
+    # At least float32: differences of nearby bf16 scores would lose most of their digits.
+    scores = prefix_scores.to(torch.promote_types(prefix_scores.dtype, torch.float32))
     previous = torch.cat([torch.zeros_like(scores[:, :1]), scores[:, :-1]], dim=1)
     return (scores - previous) * mask
