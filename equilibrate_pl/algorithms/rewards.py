@@ -27,4 +27,5 @@ def dense_rewards(prefix_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     # At least float32: differences of nearby bf16 scores would lose most of their digits.
     scores = prefix_scores.to(torch.promote_types(prefix_scores.dtype, torch.float32))
     previous = torch.cat([torch.zeros_like(scores[:, :1]), scores[:, :-1]], dim=1)
-    return (scores - previous) * mask
+    # where, not multiply: inf/nan scores at padding would survive `* 0` as nan.
+    return torch.where(mask, scores - previous, torch.zeros_like(scores))
