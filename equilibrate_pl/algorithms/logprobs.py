@@ -10,21 +10,31 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
 
     Args:
         logits: (B, L, V) model outputs; position t predicts token t + 1.
-        labels: (B, L) token ids (values at masked positions are ignored, ``-100`` is fine).
-        mask: (B, L) bool/0-1, true on the tokens whose log-prob is wanted.
+        labels: (B, L) token ids. Values where ``mask`` is false are never read, so ``-100`` (or a
+            pad id) is fine there.
+        mask: (B, L) bool or 0/1, true on the tokens whose log-prob is wanted (callers with ``-100``
+            labels pass ``labels != -100``).
 
     Returns:
         (B, L - 1) in float32 (float64 for float64 logits): entry t is
-        ``log p(labels[:, t + 1] | tokens <= t) * mask[:, t + 1]``.
+        ``log p(labels[:, t + 1] | tokens <= t)`` where ``mask[:, t + 1]``, else exactly 0.
+
+    Raises:
+        ValueError: on mismatched shapes, or a negative label (``-100``) where the mask is true,
+            which would otherwise be scored silently as some other token.
     """
-    if logits.shape[:2] != labels.shape or labels.shape != mask.shape:
-        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
-                         f"mask {tuple(mask.shape)}")
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape or labels.shape != mask.shape:
+        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)} (want B, L, V), labels "
+                         f"{tuple(labels.shape)}, mask {tuple(mask.shape)}")
+    target_mask = mask[:, 1:].bool()
+    targets = labels[:, 1:]
+    if (target_mask & (targets < 0)).any():
+        rows = sorted(set((target_mask & (targets < 0)).nonzero()[:, 0].tolist()))
+        raise ValueError(f"mask is true on negative (ignore) labels in rows {rows}; pass mask = labels != -100")
     # At least float32 (bf16/fp16 log-softmax loses ~2 digits); float64 input stays float64.
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    target_mask = mask[:, 1:].bool()
-    # -100 (ignore) labels would be out of range for gather; their value is masked out anyway.
-    targets = labels[:, 1:].clamp(min=0).unsqueeze(-1)
+    # Unwanted labels (-100, pad ids) may be out of range for gather; their value is discarded.
+    targets = torch.where(target_mask, targets, torch.zeros_like(targets)).unsqueeze(-1)
     # gather - logsumexp avoids materialising a second (B, L, V) tensor as log_softmax would.
     picked = torch.gather(logits, -1, targets).squeeze(-1)
     logps = picked - torch.logsumexp(logits, dim=-1)
@@ -34,7 +44,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
 
 
 def sequence_logprobs(token_logps: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of per-token log-probs over the kept tokens (token_logps is already zero where masked)."""
+    """(B,) sum of per-token log-probs over the kept tokens.
+
+    ``token_logps`` comes from :func:`token_logprobs`, already zero off the response, so ``keep=None``
+    sums the whole response. ``keep`` (B, L - 1) is an AMA mask (a subset of the response tokens).
+    """
     if keep is None:
         return token_logps.sum(-1)
     return (token_logps * keep).sum(-1)

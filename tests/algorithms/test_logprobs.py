@@ -162,3 +162,20 @@ def test_shape_mismatch_raises() -> None:
         token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4))
     with pytest.raises(ValueError, match="shape"):
         token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 2))
+
+
+def test_mask_on_an_ignore_label_raises_naming_the_row() -> None:
+    logits, labels, mask = ragged_batch(4)
+    bad = mask.clone()
+    bad[2, -1] = True
+    labels[2, -1] = IGNORE
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        token_logprobs(logits, labels, bad)
+
+
+def test_out_of_vocabulary_ids_at_masked_positions_are_never_read() -> None:
+    # A pad id outside the vocabulary (e.g. an added token not in a smaller head) where mask is false.
+    logits, labels, mask = ragged_batch(6, vocab=11)
+    padded = torch.where(mask, labels, 10_000)
+    torch.testing.assert_close(token_logprobs(logits, padded, mask), token_logprobs(logits, labels, mask),
+                               rtol=0, atol=0)
