@@ -16,9 +16,19 @@ def dpo_loss(
 ) -> torch.Tensor:
     """Per-example sigmoid DPO loss ``-log sigma(beta * [(pi_w - ref_w) - (pi_l - ref_l)])``.
 
-    All inputs are (B,) sequence log-prob sums. ``label_smoothing`` is the conservative-DPO
-    (cDPO) noise rate; 0 gives plain DPO.
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: (B,)
+            sequence log-prob sums (for ADPO, the sums over the AMA-kept tokens, policy and
+            reference masked alike).
+        beta: inverse temperature of the implicit reward.
+        label_smoothing: the conservative-DPO (cDPO) preference-noise rate eps in [0, 0.5]:
+            ``-(1 - eps) log sigma(beta z) - eps log sigma(-beta z)``; 0 gives plain DPO.
+
+    Returns:
+        (B,) losses; the caller takes the mean.
     """
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
     logits = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     loss = -F.logsigmoid(beta * logits) * (1.0 - label_smoothing)
     if label_smoothing:

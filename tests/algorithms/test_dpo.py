@@ -116,3 +116,10 @@ def test_implicit_rewards() -> None:
     torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, 0.3), -torch.nn.functional.logsigmoid(margin))
     tokens = torch.randn(2, 5, generator=torch.Generator().manual_seed(1))
     assert implicit_rewards(tokens, torch.zeros(2, 5), 2.0).shape == (2, 5)
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, 0.6])
+def test_label_smoothing_out_of_range_raises(label_smoothing: float) -> None:
+    zeros = torch.zeros(2)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(zeros, zeros, zeros, zeros, 0.1, label_smoothing)
