@@ -53,7 +53,7 @@ def baseline_value(baseline: Baseline, signals: list[torch.Tensor], masks: list[
 def keep_tokens(
     signal: torch.Tensor, mask: torch.Tensor, b: torch.Tensor, above: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep real tokens with signal > b where ``above`` (per row) is true, signal < b elsewhere.
+    """Keep real tokens with signal > b in rows where ``above`` (B,) is true, signal < b elsewhere.
 
     Ties (signal == b) are never kept. Returns ``(keep, fallback)``: the (B, T) bool mask and a (B,)
     bool flag of rows whose selection was empty although the row had real tokens, which therefore
@@ -81,13 +81,25 @@ def adpo_masks(
 ) -> AMAMasks | tuple[AMAMasks, torch.Tensor, torch.Tensor]:
     """ADPO masks: chosen tokens with signal > b, rejected tokens with signal < b.
 
-    ``batch_mean`` uses the mean signal over all real tokens of chosen AND rejected together.
-    With ``return_fallbacks`` also returns the (B,) empty-mask fallback flags of chosen and rejected.
+    Args:
+        chosen_signal, rejected_signal: (B, Tc) / (B, Tr) per-token signals r_t; values at padding
+            are never read (any junk, inf or nan is fine there).
+        chosen_mask, rejected_mask: same shapes, true on real response tokens.
+        baseline: ``"zero"``, ``"batch_mean"`` (the mean signal over all real tokens of chosen AND
+            rejected together) or a number.
+        return_fallbacks: also return the (B,) bool flags of rows whose selection was empty and
+            which therefore keep their full mask (log their count).
+
+    Returns:
+        ``AMAMasks(chosen_keep, rejected_keep)`` of bool (B, T) masks, subsets of the given masks;
+        with ``return_fallbacks``, ``(masks, chosen_fallback, rejected_fallback)``.
     """
     _check_shapes(chosen_signal=chosen_signal, chosen_mask=chosen_mask)
     _check_shapes(rejected_signal=rejected_signal, rejected_mask=rejected_mask)
     if chosen_signal.shape[0] != rejected_signal.shape[0]:
-        raise ValueError(f"chosen and rejected batch sizes differ: {chosen_signal.shape[0]} vs {rejected_signal.shape[0]}")
+        raise ValueError(
+            f"chosen and rejected batch sizes differ: {chosen_signal.shape[0]} vs {rejected_signal.shape[0]}"
+        )
     b = baseline_value(baseline, [chosen_signal, rejected_signal], [chosen_mask, rejected_mask])
     above = torch.ones(chosen_signal.shape[0], dtype=torch.bool, device=chosen_signal.device)
     chosen_keep, chosen_fb = keep_tokens(chosen_signal, chosen_mask, b, above)
@@ -97,9 +109,12 @@ def adpo_masks(
 
 
 def sequence_advantage(advantages: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) the advantage at each row's first response token (0 for a row with no response)."""
+    """(B,) the advantage at each row's first response token (0 for a row with no response).
+
+    The first response token need not be column 0: left-padded rows start mid-row.
+    """
     mask = action_mask.bool()
-    first = mask.int().argmax(dim=1)
+    first = mask.int().argmax(dim=1)  # argmax returns the first maximal index
     values = advantages.gather(1, first.unsqueeze(1)).squeeze(1)
     return torch.where(mask.any(dim=1), values, torch.zeros_like(values))
 
@@ -113,8 +128,20 @@ def appo_mask(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """APPO mask ``M_t = m_t (1[A >= 0] 1[r_t > b] + 1[A < 0] 1[r_t < b])``.
 
-    A row's sequence-level advantage A is its advantage at the first response token (with GAE and
-    gamma = 1 that is the return-to-go of the whole response minus the first value).
+    Args:
+        advantages: (B, T) per-token advantages; a row's sequence-level advantage A is its value at
+            the row's first response token (with GAE and gamma = lambda = 1 that is the whole
+            response's return minus the first value; for GRPO/RLOO every token holds A). A = 0
+            counts as non-negative.
+        token_signal: (B, T) per-token signal r_t (critic values, dense rewards, ...).
+        action_mask: (B, T) true on real response tokens.
+        baseline: ``"zero"``, ``"batch_mean"`` (mean of r_t over the real tokens of the batch) or a
+            number (e.g. a mean already reduced across ranks).
+        return_fallbacks: also return the (B,) flags of rows that kept their full mask because the
+            selection was empty.
+
+    Returns:
+        The bool (B, T) mask, or ``(mask, fallback)`` with ``return_fallbacks``.
     """
     _check_shapes(advantages=advantages, token_signal=token_signal, action_mask=action_mask)
     b = baseline_value(baseline, [token_signal], [action_mask])
@@ -124,5 +151,5 @@ def appo_mask(
 
 
 def kept_fraction(keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Share of real tokens kept by an AMA mask (a logging statistic)."""
+    """Share of real tokens kept by an AMA mask: a 0-dim float32 logging statistic (0 if no tokens)."""
     return keep.sum().float() / mask.bool().sum().clamp(min=1).float()

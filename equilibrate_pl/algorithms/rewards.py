@@ -23,7 +23,8 @@ def dense_rewards(prefix_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tens
         raise ValueError(f"shape mismatch: scores {tuple(prefix_scores.shape)}, mask {tuple(mask.shape)}")
     mask = mask.bool()
     if mask[:, 0].any():
-        raise ValueError("mask[:, 0] is set: a response token needs a prompt token before it")
+        rows = mask[:, 0].nonzero()[:, 0].tolist()
+        raise ValueError(f"mask[:, 0] is set in rows {rows}: a response token needs a prompt token before it")
     # At least float32: differences of nearby bf16 scores would lose most of their digits.
     scores = prefix_scores.to(torch.promote_types(prefix_scores.dtype, torch.float32))
     previous = torch.cat([torch.zeros_like(scores[:, :1]), scores[:, :-1]], dim=1)

@@ -257,7 +257,7 @@ def test_sequence_advantage_is_taken_at_the_first_response_token() -> None:
     torch.testing.assert_close(sequence_advantage(advantages, mask), torch.tensor([0.5, -1.0, 0.0]))
 
 
-def test_appo_hand_values() -> None:
+def test_policy_mask_hand_values() -> None:
     advantages = torch.tensor([[0.5, -2.0, -2.0, 9.0], [9.0, 9.0, -1.0, 3.0], [0.0, -5.0, -5.0, -5.0]])
     signal = torch.tensor([[1.0, -1.0, 0.0, 8.0], [8.0, -8.0, -1.0, 2.0], [-1.0, 0.5, 0.0, 8.0]])
     mask = torch.tensor([[T, T, T, F], [F, F, T, T], [T, T, T, F]])
@@ -269,7 +269,7 @@ def test_appo_hand_values() -> None:
     assert fallback.tolist() == [F, F, F]
 
 
-def test_appo_batch_mean_and_fallback() -> None:
+def test_policy_mask_batch_mean_and_fallback() -> None:
     advantages = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]])
     signal = torch.tensor([[2.0, 2.0, -50.0], [2.0, 6.0, 70.0]])
     mask = torch.tensor([[T, T, F], [T, T, F]])
@@ -285,7 +285,7 @@ def test_appo_batch_mean_and_fallback() -> None:
 @pytest.mark.parametrize("baseline", BASELINES)
 @pytest.mark.parametrize("left_padded", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_appo_matches_loop_on_ragged_batches(seed: int, left_padded: bool, baseline) -> None:
+def test_policy_mask_matches_loop_on_ragged_batches(seed: int, left_padded: bool, baseline) -> None:
     g = torch.Generator().manual_seed(100 + seed)
     signal, mask = ragged(g, 7, 9, left_padded)
     # Advantages on the grid too, so some are exactly 0; junk in the padding.
@@ -375,7 +375,7 @@ def test_adpo_loss_matches_a_loop_over_kept_tokens() -> None:
     torch.testing.assert_close(loss, torch.tensor(expected, dtype=loss.dtype), rtol=1e-10, atol=1e-10)
 
 
-def test_appo_bad_inputs_raise() -> None:
+def test_policy_mask_bad_inputs_raise() -> None:
     a, s, m = torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="shape"):
         appo_mask(torch.zeros(2, 1), s, m)  # a (B, 1) advantage would broadcast silently

@@ -75,7 +75,8 @@ def test_label_smoothing_zero_is_plain_dpo() -> None:
 def test_beta_scales_the_logits() -> None:
     pc, pr, rc, rr = random_logps(6)
     # beta * z with (beta, inputs) equals (1, beta * inputs).
-    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, 0.25), dpo_loss(pc * 0.25, pr * 0.25, rc * 0.25, rr * 0.25, 1.0))
+    scaled = [x * 0.25 for x in (pc, pr, rc, rr)]
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, 0.25), dpo_loss(*scaled, 1.0))
 
 
 def test_only_the_log_ratios_matter() -> None:

@@ -83,7 +83,7 @@ def test_dtypes() -> None:
 
 
 def test_mask_on_the_first_position_raises() -> None:
-    with pytest.raises(ValueError, match=r"mask\[:, 0\]"):
+    with pytest.raises(ValueError, match=r"mask\[:, 0\] is set in rows \[1\]"):
         dense_rewards(torch.zeros(2, 3), torch.tensor([[F, T, T], [T, T, F]]))
 
 
