@@ -321,16 +321,17 @@ class PolicyModule(LightningModule):
         tokenizer: Any,
         reward_model: nn.Module,
         critic: nn.Module | None = None,
-        reference: nn.Module | None = None,
+        reference_model: nn.Module | None = None,
         **settings: Any,
     ) -> "PolicyModule":
         """A module around models built elsewhere (notebooks, tests). ``settings`` are the
-        constructor's keyword arguments; a ``reference`` given here is used as is (frozen)."""
+        constructor's keyword arguments (``reference="copy"|...`` among them); a
+        ``reference_model`` given here is used as is (frozen)."""
         module = cls(**settings)
         module.actor, module.tokenizer, module.reward_model = actor, tokenizer, reward_model
         module.critic = critic
-        if reference is not None:
-            module.reference = reference
+        if reference_model is not None:
+            module.reference = reference_model
         return module
 
     @property
@@ -402,6 +403,15 @@ class PolicyModule(LightningModule):
         self._configured = True
 
     def setup(self, stage: str) -> None:
+        strategy = type(self.trainer.strategy).__name__
+        if strategy in ("DDPStrategy", "FSDPStrategy", "DeepSpeedStrategy") and self.trainer.world_size > 1:
+            # These wrap the whole LightningModule and sync gradients once per wrapped forward (one
+            # `training_step`); a PPO iteration runs many forward/backward passes inside one step.
+            raise ValueError(
+                f"PolicyModule does not run under {strategy}: use "
+                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2, sharded per model; "
+                "configs/ppo/gpu.yaml, configs/ppo/tiny_fsdp_cpu.yaml) or a single device"
+            )
         precision = str(getattr(self.trainer, "precision", ""))
         if precision.startswith("16"):
             raise ValueError(

@@ -337,7 +337,7 @@ def evaluate_on_world(module: PolicyModule, n_prompts: int = 48) -> tuple[float,
 def reference_policy(module: PolicyModule) -> PolicyModule:
     """The same module with the actor swapped for the frozen reference: the policy before training."""
     ref = PolicyModule.from_models(module.reference, module.tokenizer, module.reward_model, critic=module.critic,
-                                   reference=module.reference, generation=module.generation)
+                                   reference_model=module.reference, generation=module.generation)
     ref.configure_model()
     return ref
 
