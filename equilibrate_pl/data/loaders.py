@@ -287,10 +287,11 @@ def _read_csv(path: Path, file: str) -> Iterator[RawRow]:
         raise DataError("file is empty (no header)", file=file)
     header = [h.strip() for h in header]
     n = 0
-    for n, values in enumerate(reader, 1):
+    for values in reader:
+        if not any(v.strip() for v in values):
+            continue  # blank lines are not rows (and do not shift the numbering)
+        n += 1
         if len(values) != len(header):
-            if not any(v.strip() for v in values):
-                continue
             yield n, DataError(f"expected {len(header)} columns, got {len(values)}", row=n)
             continue
         # CSV has no null: an empty cell is "missing", which _check_text reports as such.
@@ -536,7 +537,8 @@ def write_jsonl(records: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]], 
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                # default=str: parquet / datasets rows may carry dates or decimals in meta
+                fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
                 n += 1
         os.replace(tmp, path)
     finally:

@@ -192,6 +192,13 @@ def test_invalid_utf8(tmp_path: Path) -> None:
     _assert_names(info.value, "b.jsonl", 3, "prompt")
 
 
+def test_csv_row_numbers_and_column_count(tmp_path: Path) -> None:
+    (tmp_path / "r.csv").write_text('prompt,group\n\n"a, quoted",EHD\n\nb,IHD,extra\n')
+    with pytest.raises(DataError, match="expected 2 columns, got 3") as info:
+        load_records(tmp_path / "r.csv")
+    _assert_names(info.value, "r.csv", 2, None)  # blank lines are not counted as rows
+
+
 def test_overlong_row(tmp_path: Path) -> None:
     (tmp_path / "l.jsonl").write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "x" * 51}) + "\n")
     with pytest.raises(DataError, match="51 characters, over the limit max_chars=50") as info:
