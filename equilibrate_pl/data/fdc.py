@@ -229,14 +229,17 @@ class RuleCategorizer(Categorizer):
     ):
         self.explicit = _compile(_flatten(EXPLICIT_TERMS if explicit_terms is None else explicit_terms))
         self.intent = _compile(_flatten(INTENT_CUES if intent_cues is None else intent_cues))
-        self.benign = _compile(BENIGN_PATTERNS if benign_patterns is None else benign_patterns) if (benign_patterns is None or benign_patterns) else None
+        benign = BENIGN_PATTERNS if benign_patterns is None else list(benign_patterns)
+        self.benign = _compile(benign) if benign else None  # an empty list switches look-alike removal off
         self.fallbacks = 0
 
     def explain(self, prompt: PromptLike) -> dict[str, list[str]]:
         text = prompt_text(prompt).replace("’", "'")
         if self.benign is not None:
             text = self.benign.sub(" ", text)
-        return {"explicit": self.explicit.findall(text), "intent": self.intent.findall(text)}
+        # finditer + group(0): user patterns may contain capturing groups, which would change findall's result
+        return {"explicit": [m.group(0) for m in self.explicit.finditer(text)],
+                "intent": [m.group(0) for m in self.intent.finditer(text)]}
 
     def categorize_one(self, prompt: PromptLike) -> str:
         hits = self.explain(prompt)
