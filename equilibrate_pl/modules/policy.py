@@ -30,14 +30,14 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from equilibrate_pl.algorithms.ama import appo_mask, kept_fraction
+from equilibrate_pl.algorithms.ama import appo_mask
 from equilibrate_pl.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from equilibrate_pl.algorithms.logprobs import token_logprobs
 from equilibrate_pl.algorithms.ppo import (

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
