@@ -453,3 +453,42 @@ def test_resume_equals_uninterrupted(equilibrate_cache: Path, tmp_path: Path) ->
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     assert resumed.kl_controller.value == pytest.approx(straight.kl_controller.value, rel=1e-6)
     assert straight.kl_controller.value != pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# Critic on the actor's trunk, LoRA reference
+# --------------------------------------------------------------------------------------------
+
+
+def test_shared_value_head_trains_with_the_actor(equilibrate_cache: Path) -> None:
+    tok, actor, rm, _ = tiny_tokenizer_and_models()
+    module = PolicyModule.from_models(
+        actor, tok, rm, critic_mode="shared", generation={"max_new_tokens": 4}, ppo={"minibatch_size": 2, "ppo_epochs": 2},
+        actor_optim={"lr": 1e-2, "scheduler": "constant"}, critic_optim={"lr": 1e-1, "scheduler": "constant"},
+    )
+    module.configure_model()
+    head_before = module.value_head.weight.detach().clone()
+    (optimizer,) = [module.configure_optimizers()[0]["optimizer"]]
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-1]  # separate learning rates
+    make_trainer(max_steps=2).fit(module, loader([prompt_batch(tok, PROMPTS)] * 2))
+    assert module.critic is None
+    assert not torch.equal(head_before, module.value_head.weight)
+    m = module.last_metrics
+    assert m["ppo/first_ratio_max_deviation"] <= 1e-6 and math.isfinite(m["loss/value"]) and m["loss/value"] > 0
+
+
+def test_lora_actor_uses_adapter_disabled_reference(equilibrate_cache: Path) -> None:
+    from equilibrate_pl.models.loading import LoraSettings, ReferenceModelError, prepare_for_training
+
+    tok, actor, rm, critic = tiny_tokenizer_and_models()
+    lora_actor = prepare_for_training(actor, lora=LoraSettings(r=4, alpha=8), quant=None, gradient_checkpointing=False, task_type="CAUSAL_LM")
+    module = PolicyModule.from_models(
+        lora_actor, tok, rm, critic=critic, generation={"max_new_tokens": 4}, ppo={"minibatch_size": 4, "ppo_epochs": 2},
+        actor_optim={"lr": 5e-2, "scheduler": "constant"},
+    )
+    make_trainer(max_steps=2).fit(module, loader([prompt_batch(tok, PROMPTS)] * 2))
+    assert module.reference is None  # no second copy: the base weights with the adapter off
+    # After one update the adapter moved the policy away from the base: step 2 sees a non-zero KL.
+    assert module.last_metrics["kl/k3"] > 0
+    with pytest.raises(ReferenceModelError):
+        PolicyModule.from_models(actor, tok, rm, critic=critic, reference="adapter_disabled").configure_model()
