@@ -75,3 +75,24 @@ def test_tiny_run_lowers_validation_loss(tmp_path: Path, equilibrate_cache: Path
     after = float(trainer.callback_metrics["val/loss"])
     # 7.6 nats (uniform over ~2k tokens) at the start; one nat less is a 2.7x lower perplexity.
     assert after < before - 1.0, (before, after)
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
+def test_export_lora_reloads_to_the_same_model(merge: bool, batch_records: list[dict[str, Any]], tmp_path: Path) -> None:
+    from equilibrate_pl.models import load_causal_lm
+
+    module = SFTModule(model=ModelSettings(lora={"r": 4, "alpha": 8}))
+    with torch.no_grad():  # a trained-looking adapter (B starts at zero, which would hide a lost adapter)
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = _batch(module, batch_records)
+    module.export(str(tmp_path / "out"), merge_lora=merge)
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert ("model.safetensors" in files) == merge and ("adapter_model.safetensors" in files) == (not merge)
+    reloaded, _ = load_causal_lm(str(tmp_path / "out"))  # an adapter directory is merged onto its base
+    with torch.no_grad():
+        expected = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert hasattr(module.model, "peft_config")  # exporting merged a copy, not the live model
