@@ -622,8 +622,7 @@ class PolicyModule(LightningModule):
         if rollout.values is not None:
             finite &= torch.isfinite(rollout.values).all()
         if not self._check_finite(finite, "rewards"):
-            self._step_schedulers()
-            return None
+            return None  # a skipped iteration advances neither global_step nor the LR schedule
 
         rollout.advantages, rollout.returns = self.compute_advantages(rollout)
         rollout.policy_mask = self.policy_mask(rollout)
@@ -632,7 +631,6 @@ class PolicyModule(LightningModule):
         stats = self.update(rollout)
         timings["update"] = time.perf_counter() - start
         if stats is None:
-            self._step_schedulers()
             return None
         self._step_schedulers()
         self.kl_controller.update(float(stats["kl/sequence"]), n_steps=int(_all_sum(torch.tensor(float(len(rollout.groups))))))
