@@ -29,6 +29,8 @@ from benchmarks.common import (
 
 LR = 1e-4
 BETA = 0.1
+# LoRA on every linear layer, the same settings on both sides (SmolLM2 row).
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 @dataclass
@@ -71,12 +73,15 @@ def make_reward_dir(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def prepare(model: str, workdir: Path, batch_size: int, steps: int, max_length: int = 160) -> PreferenceSetup:
+def prepare(model: str, workdir: Path, batch_size: int, steps: int, max_length: int = 160, with_reward: bool = True) -> PreferenceSetup:
+    """The model directory, a reward-model directory (for ADPO and the policy rows; skipped with
+    ``with_reward=False``) and the preference data module over the built-in world."""
     from equilibrate_pl.data import SafetyDataModule
     from equilibrate_pl.models.loading import resolve_model_path
 
     model_dir = Path(resolve_model_path(model))
-    reward_dir = make_reward_dir(model_dir, workdir / "reward-model")
+    workdir.mkdir(parents=True, exist_ok=True)
+    reward_dir = make_reward_dir(model_dir, workdir / "reward-model") if with_reward else workdir / "no-reward-model"
     dm = SafetyDataModule(stage="preference", tokenizer=str(model_dir), mix="all", batch_size=batch_size,
                           max_length=max_length, max_prompt_length=96, val_size=8, seed=0)
     dm.setup("fit")
@@ -110,12 +115,15 @@ def run_ours_preference(setup: PreferenceSetup, variant: str, warmup: int) -> di
     log = StepLog(warmup)
     adpo = variant.startswith("adpo")
     precompute = variant.endswith("-pre")
+    lora = variant.endswith("-lora")
     cache = Path(tempfile.mkdtemp(dir=setup.workdir, prefix="refcache-"))
     with PeakRSS() as mem:
         module = PreferenceModule(
-            model=ModelSettings(str(setup.model_dir)), optim=OptimSettings(lr=LR, scheduler="constant"), beta=BETA,
+            model=ModelSettings(str(setup.model_dir), lora=LORA if lora else None),
+            optim=OptimSettings(lr=LR, scheduler="constant"), beta=BETA,
             ama={"enabled": adpo, "token_signal": "dense_reward", "baseline": "batch_mean"},
             reward_model=str(setup.reward_dir) if adpo else None, precompute_reference=precompute, cache_dir=str(cache),
+            reference="adapter_disabled" if lora else "copy",
         )
         trainer = _lightning_trainer(steps, [lightning_step_timer(log, _pair_count)], setup.workdir)
         trainer.fit(module, train_dataloaders=setup.our_loader())
@@ -134,7 +142,7 @@ def _peer_common_args(setup: PreferenceSetup, steps: int, out_dir: Path) -> dict
     )
 
 
-def run_trl_dpo(setup: PreferenceSetup, warmup: int, precompute: bool) -> dict[str, Any]:
+def run_trl_dpo(setup: PreferenceSetup, warmup: int, precompute: bool, lora: bool = False) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     from equilibrate_pl.data.tokenizer import load_tokenizer
@@ -147,8 +155,15 @@ def run_trl_dpo(setup: PreferenceSetup, warmup: int, precompute: bool) -> dict[s
         tokenizer = load_tokenizer(str(setup.model_dir))
         args = DPOConfig(**_peer_common_args(setup, steps, setup.workdir / "trl-dpo"), beta=BETA,
                          precompute_ref_log_probs=precompute, precompute_ref_batch_size=setup.batch_size)
+        peft_config = None
+        if lora:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                     target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+        # With a peft_config TRL's reference is the policy with its adapter disabled, like ours.
         trainer = DPOTrainer(model=str(setup.model_dir), args=args, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[hf_step_timer(log)])
+                             callbacks=[hf_step_timer(log)], peft_config=peft_config)
         trainer.data_collator = CountingCollator(trainer.data_collator, log, ["attention_mask"])
         trainer.train()
     fix_peer_counts(log)

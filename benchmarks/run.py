@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-ROWS = ("preference", "reward", "policy", "phases", "scaling", "mfu")
+ROWS = ("preference", "reward", "policy", "phases", "scaling", "mfu", "preference-lora")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Goals from the issue: ours/peer throughput and ADPO's cost over DPO.
@@ -41,13 +41,13 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
     """Sizes per mode. ``smoke`` is for the test suite (seconds, not meaningful numbers)."""
     if args.smoke:
         p = dict(batch=4, steps=3, warmup=1, reps=1, prompts=2, k=2, new_tokens=8, ppo_batch=2,
-                 lengths=[8, 16], batches=[2, 4], scale_steps=2, pre_reps=1)
+                 lengths=[8, 16], batches=[2, 4], scale_steps=2, pre_reps=1, lora_batch=2, lora_steps=3)
     elif args.quick:
         p = dict(batch=8, steps=5, warmup=2, reps=2, prompts=2, k=4, new_tokens=32, ppo_batch=8,
-                 lengths=[32, 64, 128], batches=[4, 8, 16], scale_steps=2, pre_reps=1)
+                 lengths=[32, 64, 128], batches=[4, 8, 16], scale_steps=2, pre_reps=1, lora_batch=2, lora_steps=4)
     else:
         p = dict(batch=16, steps=12, warmup=3, reps=3, prompts=4, k=4, new_tokens=64, ppo_batch=8,
-                 lengths=[32, 64, 128, 256], batches=[4, 8, 16, 32], scale_steps=3, pre_reps=3)
+                 lengths=[32, 64, 128, 256], batches=[4, 8, 16, 32], scale_steps=3, pre_reps=3, lora_batch=2, lora_steps=4)
     for key in ("batch", "steps", "warmup", "reps"):
         if getattr(args, key) is not None:
             p[key] = getattr(args, key)
@@ -114,6 +114,18 @@ def bench_preference(p: dict[str, Any], work: Path, model: str, say: Callable[[s
     return rows
 
 
+def bench_preference_lora(p: dict[str, Any], work: Path, model: str, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """DPO with LoRA (r=8, all linear layers) on SmolLM2-135M-Instruct, reference = adapter disabled."""
+    from benchmarks import preference as P
+
+    setup = P.prepare(model, work / "lora", p["lora_batch"], p["lora_steps"], with_reward=False)
+    ours, peer = interleaved(p["reps"], lambda: P.run_ours_preference(setup, "dpo-lora", p["warmup"]),
+                             lambda: P.run_trl_dpo(setup, p["warmup"], precompute=False, lora=True), say, "DPO LoRA")
+    r = ratios(ours, peer)
+    return [{"name": "preference/dpo-lora", "model": model, "ours": ours, "peer": peer, "peer_name": "trl.DPOTrainer(peft_config)",
+             "ratio": r, "goal": _goal(r, ours, peer), "note": "LoRA r=8 all-linear; reference = adapter disabled on both sides"}]
+
+
 def bench_reward(p: dict[str, Any], work: Path, model: str, say: Callable[[str], None]) -> list[dict[str, Any]]:
     from benchmarks import preference as P
 
@@ -175,10 +187,12 @@ def bench_scaling(p: dict[str, Any], work: Path, model: str, say: Callable[[str]
             res = Q.run_ours_policy(setup, "ppo", batch, 1, length, steps, warm)
             points.append({axis: v, "batch": batch, "max_new_tokens": length, "response_length": res.get("response_length"),
                            "step_s": res["median_step_s"], "step_cpu_s": res["median_step_cpu_s"],
-                           **{f"{ph}_s": res.get(f"{ph}_s") for ph in ("generation", "scoring", "update")}})
-        xs = [pt[axis] for pt in points]
+                           **{f"{ph}_s": res.get(f"{ph}_s") for ph in ("generation", "scoring", "update")},
+                           **{f"{ph}_cpu_s": res.get(f"{ph}_cpu_s") for ph in ("generation", "scoring", "update")}})
+        # Fit against the generated length actually reached (the random-init tiny model rarely stops early).
+        xs = [pt["response_length"] if axis == "response_length" and pt.get("response_length") else pt[axis] for pt in points]
         fits = {}
-        for key in ("step_cpu_s", "generation_s", "scoring_s", "update_s"):
+        for key in ("step_cpu_s", "generation_cpu_s", "scoring_cpu_s", "update_cpu_s"):
             ys = [pt[key] for pt in points]
             if all(y and y > 0 for y in ys) and len(xs) >= 2:
                 fit = Q.loglog_fit(xs, ys)
@@ -189,11 +203,12 @@ def bench_scaling(p: dict[str, Any], work: Path, model: str, say: Callable[[str]
 
 
 def mfu_from(phases: list[dict[str, Any]], peak: dict[str, Any]) -> list[dict[str, Any]]:
-    """6 x trainable params x tokens / update time, against the measured matmul peak.
+    """6 x params x tokens / update time, against the measured matmul peak.
 
     ``tokens`` are the padded positions the update's forward/backward passes actually process
     (rows x sequence width x ppo_epochs); params are the actor's plus the critic's (both trained in
-    the update). Reported twice: CPU time against the CPU-time peak (robust on a shared machine) and
+    the update) that enter a matmul per token (``policy.matmul_params``: no input-embedding lookup,
+    the tied LM head counted). Attention's L^2 term is not counted (the 6N convention). Reported twice: CPU time against the CPU-time peak (robust on a shared machine) and
     wall time against the wall peak.
     """
     out = []
@@ -201,7 +216,7 @@ def mfu_from(phases: list[dict[str, Any]], peak: dict[str, Any]) -> list[dict[st
         res = row["ours"]
         if "update_s" not in res or "update_tokens" not in res:
             continue
-        params = res["trainable_params"]["actor"] + res["trainable_params"]["critic"]
+        params = res["matmul_params"]["actor"] + res["matmul_params"]["critic"]
         flops = 6.0 * params * res["update_tokens"]
         entry = {"name": row["name"], "params": params, "update_tokens": res["update_tokens"], "update_s": res["update_s"],
                  "achieved_gflops_wall": flops / res["update_s"] / 1e9, "peak_gflops_wall": peak["gflops"]}
@@ -265,16 +280,20 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_f(o.get('peak_rss_mb'), '.0f')} | {_f(p.get('peak_rss_mb'), '.0f')} | {goal} |"
         )
     if result.get("phases"):
-        lines += ["", "PPO / APPO phase split (median seconds per step, wall):", "",
-                  "| row | batch | max new tokens | generation | scoring | update | step |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "PPO / APPO phase split (median CPU seconds per step; wall-clock in the JSON):", "",
+                  "| row | batch | max new tokens | generation | scoring | update | step | generation share |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in result["phases"]:
             o = row["ours"]
-            lines.append(f"| {row['name']} | {row['batch']} | {row['max_new_tokens']} | {_f(o.get('generation_s'), '.3f')} | "
-                         f"{_f(o.get('scoring_s'), '.3f')} | {_f(o.get('update_s'), '.3f')} | {_f(o['median_step_s'], '.3f')} |")
+            share = o.get("generation_cpu_s", 0) / o["median_step_cpu_s"] if o.get("median_step_cpu_s") else None
+            lines.append(f"| {row['name']} | {row['batch']} | {row['max_new_tokens']} | {_f(o.get('generation_cpu_s'), '.3f')} | "
+                         f"{_f(o.get('scoring_cpu_s'), '.3f')} | {_f(o.get('update_cpu_s'), '.3f')} | {_f(o['median_step_cpu_s'], '.3f')} | "
+                         f"{_f(share * 100 if share is not None else None, '.0f')}% |")
     if result.get("scaling"):
         lines += ["", "Scaling of the PPO step (CPU seconds per step; log-log slope 1 = linear):", ""]
         for axis, data in result["scaling"].items():
-            lines.append(f"- {axis}: " + ", ".join(f"{pt[axis]} -> {pt['step_cpu_s']:.3f}s" for pt in data["points"]))
+            lines.append(f"- {axis}: " + ", ".join(
+                f"{pt[axis]} (mean response {pt.get('response_length') or 0:.0f} tokens) -> {pt['step_cpu_s']:.3f}s" for pt in data["points"]))
             for key, fit in data["fits"].items():
                 lines.append(f"  - {key}: {fit['reading']}")
     if result.get("mfu"):
@@ -294,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode.add_argument("--smoke", action="store_true", help="seconds-long run for the test suite (numbers not meaningful)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=None, help=f"subset of {ROWS}")
     parser.add_argument("--model", default="builtin:tiny")
+    parser.add_argument("--lora-model", default="builtin:smollm2", help="model of the preference-lora row (full run only by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every run (default 1)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -313,7 +333,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     p = _profile(args)
-    rows = args.rows or (["preference", "policy", "phases", "mfu"] if args.smoke else list(ROWS))
+    if args.rows:
+        rows = args.rows
+    elif args.smoke:
+        rows = ["preference", "policy", "phases", "mfu"]
+    elif args.quick:
+        rows = [r for r in ROWS if r != "preference-lora"]
+    else:
+        rows = list(ROWS)
     mode_name = "smoke" if args.smoke else ("quick" if args.quick else "full")
     started = time.perf_counter()
 
@@ -340,6 +367,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "preference" in rows:
             say("preference rows")
             result["rows"] += bench_preference(p, work, args.model, say, precomputed=not args.smoke)
+        if "preference-lora" in rows:
+            say("preference row, LoRA on SmolLM2")
+            result["rows"] += bench_preference_lora(p, work, args.lora_model, say)
         if "reward" in rows:
             say("reward row")
             result["rows"] += bench_reward(p, work, args.model, say)
