@@ -404,14 +404,20 @@ class PolicyModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         strategy = type(self.trainer.strategy).__name__
-        if strategy in ("DDPStrategy", "FSDPStrategy", "DeepSpeedStrategy") and self.trainer.world_size > 1:
-            # These wrap the whole LightningModule and sync gradients once per wrapped forward (one
-            # `training_step`); a PPO iteration runs many forward/backward passes inside one step.
+        if strategy in ("FSDPStrategy", "DeepSpeedStrategy") and self.trainer.world_size > 1:
+            # These shard or wrap the whole LightningModule as one unit (FSDP1 flat parameters, ZeRO
+            # partitions): `generate` and the per-model passes of a PPO iteration need per-model sharding.
             raise ValueError(
                 f"PolicyModule does not run under {strategy}: use "
                 "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2, sharded per model; "
-                "configs/ppo/gpu.yaml, configs/ppo/tiny_fsdp_cpu.yaml) or a single device"
+                "configs/ppo/gpu.yaml, configs/ppo/tiny_fsdp_cpu.yaml), ddp_find_unused_parameters_true "
+                "or a single device"
             )
+        if strategy == "DDPStrategy" and self.trainer.world_size > 1:
+            if not getattr(self.trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+                # Actor and critic losses are separate backward passes, each leaving the other
+                # model's parameters unused; DDP must be told, or its reducer waits for them.
+                raise ValueError("PolicyModule under DDP needs strategy: ddp_find_unused_parameters_true")
         precision = str(getattr(self.trainer, "precision", ""))
         if precision.startswith("16"):
             raise ValueError(
@@ -684,15 +690,15 @@ class PolicyModule(LightningModule):
                 actor_opt.zero_grad(set_to_none=True)
                 self.manual_backward(total)
                 grad_norm = self._clip(actor_opt)
+                # Lightning counts every optimizer step of manual optimization as a global step;
+                # count one per PPO iteration so `max_steps` and checkpoint intervals mean rollouts.
+                _optimizer_step(actor_opt, count=last_step)
                 if critic_opt is not None:
                     critic_opt.zero_grad(set_to_none=True)
                     self.manual_backward(vf_loss)
                     critic_grad_norm = self._clip(critic_opt)
                     _optimizer_step(critic_opt, count=False)
                     sums["grad_norm/critic"] = sums.get("grad_norm/critic", 0.0) + critic_grad_norm
-                # Lightning counts every optimizer step of manual optimization as a global step;
-                # count one per PPO iteration so `max_steps` and checkpoint intervals mean rollouts.
-                _optimizer_step(actor_opt, count=last_step)
                 # Per-minibatch statistics, averaged over minibatches and ranks for logging.
                 step_stats = {
                     "loss/policy": pg_loss.detach(),

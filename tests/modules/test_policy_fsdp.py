@@ -1,4 +1,4 @@
-"""FSDP2 on CPU: 2 processes with sharded actor and critic take the same PPO steps as 1 process.
+"""FSDP2 (and DDP) on CPU: 2 processes with sharded actor and critic take the same PPO steps as 1 process.
 
 The test launches this file with ``torch.distributed.run`` (what a user does with ``torchrun``; Lightning
 then sees a TorchElastic environment and does not spawn processes itself), once with 2 processes under
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,11 +58,13 @@ def _worker(out: str, world: int) -> None:
         actor_optim={"lr": 1e-2, "scheduler": "constant"}, critic_optim={"lr": 1e-2, "scheduler": "constant"},
         log_refusals=False,
     )
-    if world > 1:
+    if os.environ.get("POLICY_STRATEGY"):
+        strategy: Any = os.environ["POLICY_STRATEGY"]
+    elif world > 1:
         # The strategy block of the shipped CPU FSDP2 recipe, so the recipe is what is tested.
         strategy_cfg = yaml.safe_load(CONFIG.read_text())["trainer"]["strategy"]
         assert strategy_cfg["class_path"].endswith("ModelParallelStrategy")
-        strategy: Any = ModelParallelStrategy(**strategy_cfg.get("init_args", {}))
+        strategy = ModelParallelStrategy(**strategy_cfg.get("init_args", {}))
     else:
         strategy = "auto"
     trainer = L.Trainer(
@@ -76,7 +79,7 @@ def _worker(out: str, world: int) -> None:
 
     trainer.callbacks.append(Show())
     trainer.fit(module, loader)
-    if world > 1:
+    if world > 1 and not os.environ.get("POLICY_STRATEGY"):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -85,15 +88,18 @@ def _worker(out: str, world: int) -> None:
         sharded = all(type(p).__name__ == "DTensor" for p in module.actor.parameters())
         if trainer.global_rank == 0:
             torch.save({"state": state, "sharded": sharded, "steps": trainer.global_step}, out)
-    else:
+    elif trainer.global_rank == 0:
         state = {f"actor.{k}": v for k, v in module.actor.state_dict().items()}
         state.update({f"critic.{k}": v for k, v in module.critic.state_dict().items()})
         torch.save({"state": state, "sharded": False, "steps": trainer.global_step}, out)
 
 
-def _launch(world: int, out: Path, cache: Path) -> None:
+def _launch(world: int, out: Path, cache: Path, strategy: str | None = None) -> None:
     env = {**os.environ, "EQUILIBRATE_CACHE": str(cache), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("POLICY_STRATEGY", None)
+    if strategy is not None:
+        env["POLICY_STRATEGY"] = strategy
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            __file__, "--worker", str(out), str(world)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -101,27 +107,43 @@ def _launch(world: int, out: Path, cache: Path) -> None:
         raise AssertionError(f"{world}-process run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
 
 
-def test_two_process_fsdp2_equals_one_process(equilibrate_cache: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def one_process_state(equilibrate_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The 1-process reference run, in this process (no launcher needed)."""
+    from equilibrate_pl.data.tokenizer import tiny_tokenizer
+
+    tiny_tokenizer()  # build the cache once, before several processes race for it
+    out = tmp_path_factory.mktemp("one") / "one.pt"
+    threads = torch.get_num_threads()
+    try:
+        _worker(str(out), 1)
+    finally:
+        torch.set_num_threads(threads)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    # DDP is marked slow only to keep the default suite's time down (~30 s per 2-process run).
+    [None, pytest.param("ddp_find_unused_parameters_true", marks=pytest.mark.slow)],
+    ids=["fsdp2", "ddp"],
+)
+def test_two_processes_equal_one_process(
+    one_process_state: dict[str, Any], equilibrate_cache: Path, tmp_path: Path, strategy: str | None
+) -> None:
     """Weights after 2 PPO iterations agree to float tolerance, measured relative to the update.
 
+    ``fsdp2``: the recipe's ModelParallelStrategy, every model sharded; ``ddp``: replicated models.
     Adam divides each gradient by its running RMS, so for the few weights whose gradient is ~0 (float
     noise in a different reduction order) the step can differ by up to the learning rate. A per-tensor
     bound on ``||w_2proc - w_1proc|| / ||w_1proc - w_init||`` is the meaningful "same update" check;
-    measured 1.2e-4, asserted < 1e-3 (a wrong normaliser or a missing all-reduce gives > 1e-1).
+    measured 1.2e-4 (fsdp2) and 1.3e-4 (ddp), asserted < 1e-3 (a wrong normaliser or a missing
+    all-reduce gives > 1e-1).
     """
-    from equilibrate_pl.data.tokenizer import tiny_tokenizer
-
-    tiny_tokenizer()  # build the cache once, before two processes race for it
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    threads = torch.get_num_threads()
-    try:
-        _worker(str(one), 1)  # the 1-process reference runs in this process (no launcher needed)
-    finally:
-        torch.set_num_threads(threads)
-    _launch(2, two, equilibrate_cache)
-    a = torch.load(one, weights_only=True)
-    b = torch.load(two, weights_only=True)
-    assert b["sharded"] and a["steps"] == b["steps"] == 2
+    two = tmp_path / "two.pt"
+    _launch(2, two, equilibrate_cache, strategy)
+    a, b = one_process_state, torch.load(two, weights_only=True)
+    assert b["sharded"] == (strategy is None) and a["steps"] == b["steps"] == 2
     assert a["state"].keys() == b["state"].keys()
     from tests.modules.test_policy import tiny_tokenizer_and_models
 
