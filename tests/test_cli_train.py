@@ -44,21 +44,32 @@ def test_dpo_fit_from_the_tiny_config_then_export(tmp_path: Path, equilibrate_ca
     torch.testing.assert_close(model.state_dict()["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
 
 
+def _in_process(stage: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `equilibrate <stage> ...` in this process (no Python start-up per call); exit code, out, err."""
+    from equilibrate_pl import cli
+
+    try:
+        code = cli.main([stage, *args])
+    except SystemExit as stop:  # jsonargparse exits after --print_config and on errors
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
-def test_print_config_resolves_the_recipe(stage: str, tmp_path: Path, equilibrate_cache: Path) -> None:
-    run = _equilibrate([stage, "fit", "--config", str(REPO / "configs" / stage / "tiny.yaml"), "--print_config"],
-                       tmp_path, equilibrate_cache, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    config = yaml.safe_load(run.stdout)
+def test_print_config_resolves_the_recipe(stage: str, capsys: pytest.CaptureFixture[str], equilibrate_cache: Path) -> None:
+    code, out, err = _in_process(stage, ["fit", "--config", str(REPO / "configs" / stage / "tiny.yaml"), "--print_config"], capsys)
+    assert code == 0, err[-3000:]
+    config = yaml.safe_load(out)
     assert config["model"]["init_args"]["model"]["name_or_path"] == "builtin:tiny"
     assert config["data"]["stage"] == ("sft" if stage == "sft" else "preference")
     assert "tokenizer" not in config["data"]  # linked from the model's name_or_path
 
 
-def test_unknown_key_is_rejected_with_its_name(tmp_path: Path, equilibrate_cache: Path) -> None:
+def test_unknown_key_is_rejected_with_its_name(tmp_path: Path, capsys: pytest.CaptureFixture[str], equilibrate_cache: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args:\n    ama:\n      enabled: true\n      tokn_signal: implicit\n")
-    run = _equilibrate(["dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), "--config", str(bad),
-                        "--print_config"], tmp_path, equilibrate_cache, timeout=300)
-    assert run.returncode != 0
-    assert "tokn_signal" in run.stderr
+    code, _, err = _in_process("dpo", ["fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), "--config", str(bad),
+                                       "--print_config"], capsys)
+    assert code != 0
+    assert "tokn_signal" in err
