@@ -639,7 +639,7 @@ class PolicyModule(LightningModule):
         if stats is None:
             return None
         self._step_schedulers()
-        self.kl_controller.update(float(stats["kl/sequence"]), n_steps=int(_all_sum(torch.tensor(float(len(rollout.groups))))))
+        self.kl_controller.update(float(stats["kl/sequence"]), n_steps=int(_all_sum(torch.tensor(float(len(rollout.groups)), device=self.device))))
         self._log_step(batch, rollout, stats, timings)
         return None
 
