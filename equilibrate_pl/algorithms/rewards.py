@@ -30,3 +30,8 @@ def dense_rewards(prefix_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     previous = torch.cat([torch.zeros_like(scores[:, :1]), scores[:, :-1]], dim=1)
     # where, not multiply: inf/nan scores at padding would survive `* 0` as nan.
     return torch.where(mask, scores - previous, torch.zeros_like(scores))
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Per-pair reward-model loss ``-log sigma(s_w - s_l - margin)`` (Llama-2's margin form when ``margin`` > 0)."""
+    return -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores - margin)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.classification import BinaryAccuracy
 
-from equilibrate_pl.algorithms.rewards import dense_rewards
+from equilibrate_pl.algorithms.rewards import bradley_terry_loss, dense_rewards
 from equilibrate_pl.modules.common import (
     ModelSettings,
     NonFiniteGuard,
@@ -29,11 +29,6 @@ from equilibrate_pl.modules.common import (
 )
 
 IGNORE_INDEX = -100
-
-
-def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Per-pair ``-log sigma(s_w - s_l - margin)`` (Llama-2's margin form when ``margin`` > 0)."""
-    return -F.logsigmoid(chosen_scores - rejected_scores - margin)
 
 
 def stack_pairs(batch: dict[str, Any], pad_token_id: int, keys: tuple[str, ...] = ("input_ids", "attention_mask", "labels")) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from equilibrate_pl.modules.common import OptimSettings
-from equilibrate_pl.modules.reward import RewardModule, bradley_terry_loss
+from equilibrate_pl.algorithms.rewards import bradley_terry_loss
+from equilibrate_pl.modules.reward import RewardModule
 
 
 def test_bradley_terry_hand_values() -> None:
