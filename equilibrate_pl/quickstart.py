@@ -1,8 +1,9 @@
 """The whole Equilibrate pipeline on the built-in tiny default, as one function.
 
 `run_quickstart` builds the tiny model and the built-in safety world, then:
-1. SFT on general data only: a helpful-only starting policy that answers harmful requests too
-   (as SmolLM2-135M-Instruct does), so the safety stages have something to fix;
+1. SFT on general data plus a sliver of safety data: a mostly helpful-only start that knows what a
+   refusal looks like but answers most harmful requests (as SmolLM2-135M-Instruct does), so the
+   safety stages have something to fix;
 2. a reward model on the world's preference pairs (general + the unsorted safety pool);
 3. four arms from the same SFT policy: naive DPO and naive PPO on unsorted safety data scaled up,
    and FDC+ADPO and FDC+APPO on the paper's small, deliberate per-group mix;
@@ -39,6 +40,7 @@ class QuickstartSettings:
         naive_scale: the naive arms draw this many times the FDC mix's safety budget from the
             unsorted pool ("scaling safety data naively").
         sft_steps, rm_steps, dpo_steps, ppo_steps: optimizer steps (PPO: rollout batches).
+        sft_safety_quotas: safety rows (refusals) per group in the SFT data, beside all general rows.
         eval_limit: evaluate on at most this many eval prompts (``None``: the whole split).
         reduced: a much smaller run for tests (overrides the step counts and eval size).
     """
@@ -52,6 +54,7 @@ class QuickstartSettings:
     dpo_steps: int = 120
     ppo_steps: int = 25
     batch_size: int = 16
+    sft_safety_quotas: dict[str, int] = field(default_factory=lambda: {"EHD": 40, "IHD": 15, "MHD": 8})
     eval_limit: int | None = None
     max_new_tokens: int = 40
     reduced: bool = False
@@ -113,7 +116,7 @@ def _mix(arm: str, settings: QuickstartSettings) -> dict[str, Any]:
 
 
 def stage_sft(settings: QuickstartSettings, out: Path) -> Path:
-    """Fine-tune the tiny model on general data only; returns the exported HF directory."""
+    """Fine-tune the tiny model on general data plus a few safety rows; returns the exported HF directory."""
     from equilibrate_pl.modules import SFTModule
     from equilibrate_pl.modules.common import ModelSettings, OptimSettings
 
@@ -121,8 +124,9 @@ def stage_sft(settings: QuickstartSettings, out: Path) -> Path:
 
     seed_everything(settings.seed, workers=True)
     module = SFTModule(model=ModelSettings("builtin:tiny"), optim=OptimSettings(lr=3e-3, warmup_steps=10))
-    # quota 0 for every safety group: general data only, so the policy starts helpful-only.
-    data = _data(settings, "sft", "builtin:tiny", mix="quota", quotas={"EHD": 0, "IHD": 0, "MHD": 0})
+    # Mostly general data plus a sliver of safety rows: like a real instruct model, the start knows
+    # what a refusal looks like but rarely uses one, so the alignment arms have something to push.
+    data = _data(settings, "sft", "builtin:tiny", mix="quota", quotas=dict(settings.sft_safety_quotas))
     _trainer(settings, "sft", settings.sft_steps).fit(module, datamodule=data)
     module.export(str(out / "sft"))
     return out / "sft"

@@ -28,6 +28,20 @@ def _checkpoint_io_given(plugins: Any) -> bool:
     return any(isinstance(p, CheckpointIO) for p in items if p is not None)
 
 
+def _tokenizer_for(name_or_path: str) -> str:
+    """The tokenizer location of a model setting: ``builtin:tiny`` stays (data knows it), other
+    ``builtin:`` aliases become their cached directory (``builtin:smollm2`` is converted once)."""
+    if name_or_path.startswith("builtin:") and name_or_path != "builtin:tiny":
+        from equilibrate_pl.models import resolve_model_path
+        from equilibrate_pl.models.smollm2 import SmolLM2NotInstalled
+
+        try:
+            return str(resolve_model_path(name_or_path))
+        except SmolLM2NotInstalled:
+            # Loading the model raises the same error with the install hint; --print_config still works.
+            return name_or_path
+    return name_or_path
+
 class EquilibrateCLI(LightningCLI):
     """LightningCLI with the project's defaults: data stage + tokenizer link, atomic checkpoints, RNG resume."""
 
@@ -40,7 +54,9 @@ class EquilibrateCLI(LightningCLI):
         parser.set_defaults({"data.stage": self._data_stage})
         if self._model_link is not None:
             # The data must be tokenized by the model's own tokenizer: one setting, not two to keep in sync.
-            parser.link_arguments(f"model.init_args.{self._model_link}", "data.tokenizer")
+            # `builtin:*` aliases resolve to local directories here, so the data code (which must not
+            # import model code) only ever sees a path or a hub id.
+            parser.link_arguments(f"model.init_args.{self._model_link}", "data.tokenizer", compute_fn=_tokenizer_for)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         from equilibrate_pl.modules.common import AtomicCheckpointIO, RNGStateCallback
