@@ -243,5 +243,5 @@ def describe_departure(x_name: str, xs: list[float], fit: dict[str, Any]) -> str
     parts = []
     for i, s in enumerate(fit["local_slopes"]):
         kind = "super-linear" if s > 1.2 else ("sub-linear" if s < 0.8 else "about linear")
-        parts.append(f"{x_name} {xs[i]:g}->{xs[i + 1]:g}: slope {s:.2f} ({kind})")
+        parts.append(f"{x_name} {xs[i]:.0f}->{xs[i + 1]:.0f}: slope {s:.2f} ({kind})")
     return f"overall log-log slope {fit['slope']:.2f}; " + "; ".join(parts)

@@ -48,6 +48,29 @@ def data_arms(scales: list[float]) -> list[tuple[str, dict[str, Any]]]:
     return arms + [("fdc", {"mix": "ratio"})]
 
 
+def train_sft(settings: Any, out: Path, safety_quota: int) -> Path:
+    """``quickstart.stage_sft`` when ``safety_quota`` is 0 (general data only: a helpful-only start);
+    otherwise the same run with ``safety_quota`` SFT rows per safety group mixed in, so refusals
+    are in the starting policy's support (as in an instruction-tuned model such as SmolLM2)."""
+    from equilibrate_pl.quickstart import stage_sft
+
+    if safety_quota <= 0:
+        return stage_sft(settings, out)
+    from lightning.pytorch import seed_everything
+
+    from equilibrate_pl.modules import SFTModule
+    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
+    from equilibrate_pl.quickstart import _data, _trainer
+
+    seed_everything(settings.seed, workers=True)
+    module = SFTModule(model=ModelSettings("builtin:tiny"), optim=OptimSettings(lr=3e-3, warmup_steps=10))
+    quotas = {g: safety_quota for g in ("EHD", "IHD", "MHD")}
+    data = _data(settings, "sft", "builtin:tiny", mix="quota", quotas=quotas, replacement=True)
+    _trainer(settings, "sft", settings.sft_steps).fit(module, datamodule=data)
+    module.export(str(out / "sft"))
+    return out / "sft"
+
+
 def train_preference(settings: Any, out: Path, name: str, mix: dict[str, Any], adpo: bool, sft_dir: Path, rm_dir: Path) -> Path:
     """DPO or ADPO from the SFT policy on one data arm (quickstart.stage_dpo's settings, any mix)."""
     from lightning.pytorch import seed_everything
@@ -90,7 +113,7 @@ def train_policy(settings: Any, out: Path, name: str, mix: dict[str, Any], appo:
 
 
 def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[str, float]]:
-    from equilibrate_pl.quickstart import QuickstartSettings, evaluate_arms, stage_reward_model, stage_sft
+    from equilibrate_pl.quickstart import QuickstartSettings, evaluate_arms, stage_reward_model
 
     out = args.workdir / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +128,7 @@ def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[st
         ppo_steps=args.ppo_steps, batch_size=args.batch_size, eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens,
     )
     say(f"seed {seed}: SFT")
-    sft_dir = stage_sft(settings, out)
+    sft_dir = train_sft(settings, out, args.sft_safety_quota)
     say(f"seed {seed}: reward model")
     rm_dir = stage_reward_model(settings, out, sft_dir)
     models: dict[str, Path] = {"SFT (start)": sft_dir}
@@ -129,7 +152,8 @@ def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[st
 
 def _seed_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a seed's results depend on: a finished seed is reused only with the same settings."""
-    keys = ("scales", "algos", "sft_steps", "rm_steps", "dpo_steps", "ppo_steps", "batch_size", "eval_limit", "max_new_tokens")
+    keys = ("scales", "algos", "sft_steps", "sft_safety_quota", "rm_steps", "dpo_steps", "ppo_steps", "batch_size", "eval_limit",
+            "max_new_tokens")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -203,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--algos", nargs="+", default=["dpo", "adpo"], choices=["dpo", "adpo", "ppo", "appo"])
     parser.add_argument("--ppo", action="store_true", help="also run PPO and APPO arms")
     parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-safety-quota", type=int, default=0,
+                        help="safety SFT rows per group in the starting policy (0: helpful-only start, as the quickstart)")
     parser.add_argument("--rm-steps", type=int, default=150)
     parser.add_argument("--dpo-steps", type=int, default=120)
     parser.add_argument("--ppo-steps", type=int, default=25)
@@ -237,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.tradeoff " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "seeds": args.seeds, "settings": {k: settings[k] for k in ("scales", "algos", "sft_steps", "rm_steps", "dpo_steps",
+        "seeds": args.seeds, "settings": {k: settings[k] for k in ("scales", "algos", "sft_steps", "sft_safety_quota", "rm_steps", "dpo_steps",
                                                                      "ppo_steps", "batch_size", "eval_limit", "max_new_tokens")},
         "loadavg_end": list(os.getloadavg()), "seconds": time.perf_counter() - started,
         "per_seed": {str(k): v for k, v in per_seed.items()}, "aggregate": aggregate(per_seed),
