@@ -216,6 +216,7 @@ def run_trl_grpo(setup: PromptSetup, prompts: int, k: int, max_new_tokens: int, 
             lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, report_to="none", logging_strategy="no",
             save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_cpu=True,
             bf16=False, fp16=False, seed=0, shuffle_dataset=False, log_completions=False,
+            gradient_checkpointing=False,  # TRL 1.x defaults it to True; ours is off (same compute on both sides)
         )
         trainer = GRPOTrainer(model=str(setup.model_dir), reward_funcs=make_reward_fn(setup.reward_dir), args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[hf_step_timer(log), _Tokens()])

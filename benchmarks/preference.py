@@ -139,6 +139,9 @@ def _peer_common_args(setup: PreferenceSetup, steps: int, out_dir: Path) -> dict
         max_grad_norm=1.0, report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no",
         disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, bf16=False, fp16=False, seed=0,
         train_sampling_strategy="sequential", max_length=setup.max_length, dataset_num_proc=None,
+        # TRL 1.x turns gradient checkpointing ON by default (base_config.py); ours is off by default.
+        # Left on, TRL would trade recomputation for memory and neither column would be comparable.
+        gradient_checkpointing=False,
     )
 
 
