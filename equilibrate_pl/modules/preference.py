@@ -89,6 +89,10 @@ class PreferenceModule(LightningModule):
         optim: AdamW and schedule.
         beta: DPO temperature.
         label_smoothing: conservative-DPO label noise (0 = plain DPO).
+        nll_weight: weight of an added NLL loss on the chosen responses (per-token mean, all chosen
+            tokens, never masked): RPO (Pang et al., 2024; TRL's ``rpo_alpha``). DPO alone can lower
+            the likelihood of the chosen answers too ("likelihood displacement"); small models then
+            drift to a third kind of answer. 0 = plain DPO / ADPO.
         ama: ADPO settings (``AMASettings``); disabled = DPO.
         reference: ``copy`` (a frozen second copy of the starting weights) or
             ``adapter_disabled`` (the policy's base with its LoRA adapter switched off; needs
@@ -108,6 +112,7 @@ class PreferenceModule(LightningModule):
         optim: OptimSettings | None = None,
         beta: float = 0.1,
         label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
         ama: AMASettings | None = None,
         reference: Literal["copy", "adapter_disabled"] = "copy",
         reward_model: str | None = None,
@@ -130,11 +135,13 @@ class PreferenceModule(LightningModule):
         uses_rm = self.ama.enabled and self.ama.token_signal == "dense_reward"
         if uses_rm and not reward_model:
             raise ValueError("ama.token_signal='dense_reward' needs reward_model: the path of a trained reward model")
-        self.beta, self.label_smoothing = beta, label_smoothing
+        if nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
+        self.beta, self.label_smoothing, self.nll_weight = beta, label_smoothing, nll_weight
         self.reference_mode, self.reward_model_path = reference, reward_model
         self.precompute_reference, self.cache_dir = precompute_reference, cache_dir
         save_plain_hyperparameters(
-            self, model=self.model_settings, optim=self.optim, beta=beta, label_smoothing=label_smoothing,
+            self, model=self.model_settings, optim=self.optim, beta=beta, label_smoothing=label_smoothing, nll_weight=nll_weight,
             ama=self.ama, reference=reference, reward_model=reward_model,
             precompute_reference=precompute_reference, cache_dir=cache_dir, max_nonfinite_steps=max_nonfinite_steps,
         )
@@ -264,6 +271,11 @@ class PreferenceModule(LightningModule):
         pc, pr = policy_sums.chunk(2)
         rc, rr = reference_sums.chunk(2)
         losses = dpo_loss(pc, pr, rc, rr, self.beta, self.label_smoothing)
+        nll = None
+        if self.nll_weight:
+            chosen_logps, chosen_mask = policy_logps.chunk(2)[0], token_mask.chunk(2)[0]
+            nll = -chosen_logps.sum(-1) / chosen_mask.sum(-1).clamp(min=1)
+            losses = losses + self.nll_weight * nll
         kept = keep if keep is not None else token_mask
         mask_c, mask_r = token_mask.chunk(2)
         keep_c, keep_r = kept.chunk(2)
@@ -278,6 +290,8 @@ class PreferenceModule(LightningModule):
             "fallbacks_chosen": fb_c.sum(),
             "fallbacks_rejected": fb_r.sum(),
         }
+        if nll is not None:
+            stats["nll_chosen"] = nll.detach()
         return losses.mean(), stats
 
     # -- reference values: computed per step, or once and cached ----------------------------
@@ -458,6 +472,8 @@ class PreferenceModule(LightningModule):
             "kept_chosen": stats["kept_chosen"],
             "kept_rejected": stats["kept_rejected"],
         }
+        if "nll_chosen" in stats:
+            values["nll_chosen"] = stats["nll_chosen"].mean()
         for name, value in values.items():
             self.log(f"{split}/{name}", value, batch_size=bs, sync_dist=sync, prog_bar=name in ("loss", "margin"))
         for name in ("fallbacks_chosen", "fallbacks_rejected"):

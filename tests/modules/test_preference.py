@@ -101,6 +101,22 @@ def test_ama_disabled_is_exactly_dpo(records: list[dict[str, Any]]) -> None:
     torch.testing.assert_close(adpo.compute_loss(batch)[0], loss, rtol=0, atol=0)
 
 
+def test_nll_weight_adds_the_chosen_token_mean_nll(records: list[dict[str, Any]]) -> None:
+    """RPO: loss = DPO + w * (mean over chosen tokens of -log p), per row, all chosen tokens."""
+    module = PreferenceModule(beta=BETA, nll_weight=0.7, ama=AMASettings(enabled=True, token_signal="implicit"))
+    perturb(module.model)
+    batch = make_batch(module, records)
+    loss, stats = module.compute_loss(batch)
+    plain = PreferenceModule(beta=BETA, ama=AMASettings(enabled=True, token_signal="implicit"))
+    plain.model.load_state_dict(module.model.state_dict())
+    ids, labels, mask = (batch[f"chosen_{k}"] for k in ("input_ids", "labels", "attention_mask"))
+    nll = torch.tensor([-sum(row.values()) / len(row) for row in loop_token_logps(module.model, ids, labels, mask)])
+    torch.testing.assert_close(stats["nll_chosen"], nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, plain.compute_loss(batch)[0] + 0.7 * nll.mean(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="nll_weight"):
+        PreferenceModule(nll_weight=-1.0)
+
+
 def test_adpo_field_signal_against_loop(records: list[dict[str, Any]]) -> None:
     module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=True, token_signal="field"))
     perturb(module.model)
