@@ -49,12 +49,12 @@ class QuickstartSettings:
     seed: int = 0
     arms: tuple[str, ...] = ARMS
     naive_scale: float = 10.0
-    sft_steps: int = 300
+    sft_steps: int = 400
     rm_steps: int = 150
-    dpo_steps: int = 120
+    dpo_steps: int = 150
     ppo_steps: int = 25
     batch_size: int = 16
-    sft_safety_quotas: dict[str, int] = field(default_factory=lambda: {"EHD": 40, "IHD": 15, "MHD": 8})
+    sft_safety_quotas: dict[str, int] = field(default_factory=lambda: {"EHD": 120, "IHD": 40, "MHD": 20})
     eval_limit: int | None = None
     max_new_tokens: int = 40
     reduced: bool = False
@@ -93,7 +93,7 @@ def _trainer(settings: QuickstartSettings, name: str, max_steps: int, **override
     kwargs: dict[str, Any] = dict(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=CSVLogger(Path(settings.output_dir) / "logs", name=name),
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-        num_sanity_val_steps=0, limit_val_batches=2, val_check_interval=None, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, limit_val_batches=2, log_every_n_steps=5, val_check_interval=None, check_val_every_n_epoch=None,
         plugins=[AtomicCheckpointIO()], deterministic=False,
     )
     kwargs.update(overrides)
@@ -157,7 +157,7 @@ def stage_dpo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, 
     seed_everything(settings.seed + 2, workers=True)
     ama = {"enabled": arm == "fdc-adpo", "token_signal": "dense_reward", "baseline": "batch_mean"}
     module = PreferenceModule(model=ModelSettings(str(sft_dir)), optim=OptimSettings(lr=5e-4, warmup_steps=5),
-                              beta=0.1, ama=ama, reward_model=str(rm_dir))
+                              beta=0.1, nll_weight=1.0, ama=ama, reward_model=str(rm_dir))
     data = _data(settings, "preference", str(sft_dir), **_mix(arm, settings))
     _trainer(settings, arm, settings.dpo_steps).fit(module, datamodule=data)
     module.export(str(out / arm))
@@ -176,9 +176,9 @@ def stage_ppo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, 
         actor=ModelSettings(str(sft_dir)), reward_model=ModelSettings(str(rm_dir)), critic=ModelSettings(str(rm_dir)),
         generation={"max_new_tokens": settings.max_new_tokens, "do_sample": True},
         ppo={"ppo_epochs": 2, "minibatch_size": settings.batch_size},
-        kl={"coef": 0.05, "estimator": "k3"},
+        kl={"coef": 0.2, "estimator": "k3"},
         ama={"enabled": arm == "fdc-appo", "token_signal": "value", "baseline": "batch_mean"},
-        actor_optim=OptimSettings(lr=2e-4, scheduler="constant"), critic_optim=OptimSettings(lr=1e-3, scheduler="constant"),
+        actor_optim=OptimSettings(lr=1e-4, scheduler="constant"), critic_optim=OptimSettings(lr=1e-3, scheduler="constant"),
         seed=settings.seed,
     )
     data = _data(settings, "prompt", str(sft_dir), **_mix(arm, settings))
