@@ -166,7 +166,7 @@ def stage_dpo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, 
 
 def stage_ppo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, rm_dir: Path) -> Path:
     """``naive-ppo`` (plain PPO, naive mix) or ``fdc-appo`` (value-signal APPO mask, FDC mix)."""
-    from equilibrate_pl.modules.common import ModelSettings, OptimSettings, export_hf
+    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
     from equilibrate_pl.modules.policy import PolicyModule
 
     from lightning.pytorch import seed_everything
@@ -183,7 +183,7 @@ def stage_ppo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, 
     )
     data = _data(settings, "prompt", str(sft_dir), **_mix(arm, settings))
     _trainer(settings, arm, settings.ppo_steps, limit_val_batches=0).fit(module, datamodule=data)
-    export_hf(module.actor, module.tokenizer, out / arm)
+    module.export(str(out / arm))
     return out / arm
 
 

@@ -17,7 +17,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -544,3 +544,33 @@ def export_hf(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLi
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+class SingleModelHooks:
+    """Lightning hooks every one-model stage (SFT, reward model, DPO/ADPO) shares: AdamW over
+    ``self.model``, the non-finite guard and the writing class in checkpoints, HF export.
+
+    A mixin listed before ``LightningModule``; the stage sets ``model``, ``tokenizer``, ``optim``
+    and ``guard`` in ``__init__``.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    optim: OptimSettings
+    guard: NonFiniteGuard
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return configure_adamw(self, self.model, self.optim)  # type: ignore[arg-type]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_guard"] = self.guard.state_dict()
+        checkpoint["equilibrate_module"] = module_class_path(self)  # type: ignore[arg-type]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "nonfinite_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["nonfinite_guard"])
+
+    def export(self, directory: str, merge_lora: bool = True) -> None:
+        """The trained model as a Hugging Face directory (safetensors + tokenizer), LoRA merged unless
+        asked not to: what ``load_causal_lm`` / ``load_scalar_model`` and the later stages load."""
+        export_hf(self.model, self.tokenizer, directory, merge_lora=merge_lora)

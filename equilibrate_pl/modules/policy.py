@@ -847,6 +847,12 @@ class PolicyModule(LightningModule):
             self.rollout_rng.load_state_dict(self._pending_rng_state)
             self._pending_rng_state = None
 
+    def export(self, directory: str, merge_lora: bool = True) -> None:
+        """The actor as a Hugging Face directory (safetensors + tokenizer), LoRA merged unless asked not to."""
+        from equilibrate_pl.modules.common import export_hf
+
+        export_hf(self.actor, self.tokenizer, directory, merge_lora=merge_lora)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.rollout_rng is None:
             self._init_rng()

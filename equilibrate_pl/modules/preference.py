@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
@@ -36,6 +35,7 @@ from equilibrate_pl.algorithms.dpo import dpo_loss
 from equilibrate_pl.algorithms.logprobs import sequence_logprobs, token_logprobs
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.modules.common import (
+    SingleModelHooks,
     ModelSettings,
     NonFiniteGuard,
     OptimSettings,
@@ -43,10 +43,7 @@ from equilibrate_pl.modules.common import (
     build_causal_lm,
     check_tokenizers_match,
     coerce_settings,
-    configure_adamw,
-    export_hf,
     log_per_group,
-    module_class_path,
     rank_max,
     save_plain_hyperparameters,
 )
@@ -81,7 +78,7 @@ class AMASettings:
             raise ValueError(f"ama.baseline must be zero or batch_mean, got {self.baseline!r}")
 
 
-class PreferenceModule(LightningModule):
+class PreferenceModule(SingleModelHooks, LightningModule):
     """DPO / ADPO on preference batches (``chosen_*`` / ``rejected_*``, right padded).
 
     Args:
@@ -493,9 +490,6 @@ class PreferenceModule(LightningModule):
         loss, stats = self.compute_loss(batch, "val")
         self._log_stats("val", batch, loss, stats)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_adamw(self, self.model, self.optim)
-
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Only the trained policy: the frozen reference and reward model are reloaded from their paths."""
         state = super().state_dict(*args, **kwargs)
@@ -505,15 +499,3 @@ class PreferenceModule(LightningModule):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         own = {k: v for k, v in super().state_dict().items() if k.startswith(("reference.", "reward_model."))}
         return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite_guard"] = self.guard.state_dict()
-        checkpoint["equilibrate_module"] = module_class_path(self)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "nonfinite_guard" in checkpoint:
-            self.guard.load_state_dict(checkpoint["nonfinite_guard"])
-
-    def export(self, directory: str, merge_lora: bool = True) -> None:
-        """The trained policy as a Hugging Face directory (what the eval and PPO stages load)."""
-        export_hf(self.model, self.tokenizer, directory, merge_lora=merge_lora)

@@ -15,15 +15,13 @@ from torchmetrics.classification import BinaryAccuracy
 
 from equilibrate_pl.algorithms.rewards import bradley_terry_loss, dense_rewards
 from equilibrate_pl.modules.common import (
+    SingleModelHooks,
     ModelSettings,
     NonFiniteGuard,
     OptimSettings,
     build_scalar_model,
     coerce_settings,
-    configure_adamw,
-    export_hf,
     log_per_group,
-    module_class_path,
     rank_max,
     save_plain_hyperparameters,
 )
@@ -48,7 +46,7 @@ def stack_pairs(batch: dict[str, Any], pad_token_id: int, keys: tuple[str, ...] 
     return out
 
 
-class RewardModule(LightningModule):
+class RewardModule(SingleModelHooks, LightningModule):
     """Bradley-Terry reward model on preference batches.
 
     Args:
@@ -142,18 +140,3 @@ class RewardModule(LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, stats = self.compute_loss(batch)
         self._log_step("val", batch, loss, stats)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_adamw(self, self.model, self.optim)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite_guard"] = self.guard.state_dict()
-        checkpoint["equilibrate_module"] = module_class_path(self)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "nonfinite_guard" in checkpoint:
-            self.guard.load_state_dict(checkpoint["nonfinite_guard"])
-
-    def export(self, directory: str, merge_lora: bool = True) -> None:
-        """A Hugging Face directory that ``load_scalar_model`` (and ``reward_model:`` of DPO/PPO) loads."""
-        export_hf(self.model, self.tokenizer, directory, merge_lora=merge_lora)

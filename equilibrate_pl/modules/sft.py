@@ -9,14 +9,13 @@ from lightning.pytorch import LightningModule
 
 from equilibrate_pl.algorithms.logprobs import token_logprobs
 from equilibrate_pl.modules.common import (
+    SingleModelHooks,
     ModelSettings,
     NonFiniteGuard,
     OptimSettings,
     build_causal_lm,
     coerce_settings,
-    configure_adamw,
     log_per_group,
-    module_class_path,
     rank_max,
     save_plain_hyperparameters,
 )
@@ -24,7 +23,7 @@ from equilibrate_pl.modules.common import (
 IGNORE_INDEX = -100
 
 
-class SFTModule(LightningModule):
+class SFTModule(SingleModelHooks, LightningModule):
     """Causal-LM fine-tuning on prompt/response batches (``labels`` is -100 on prompt and padding).
 
     The loss is the mean negative log-likelihood over every labelled token of the batch (the eos
@@ -88,20 +87,3 @@ class SFTModule(LightningModule):
         # Weight by tokens so the epoch value is the token-mean NLL of the whole split.
         self.log("val/loss", loss, prog_bar=True, batch_size=int(stats["tokens"].clamp(min=1)), sync_dist=True)
         log_per_group(self, "val/loss_group", stats["row_nll"], batch.get("group"))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_adamw(self, self.model, self.optim)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite_guard"] = self.guard.state_dict()
-        checkpoint["equilibrate_module"] = module_class_path(self)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "nonfinite_guard" in checkpoint:
-            self.guard.load_state_dict(checkpoint["nonfinite_guard"])
-
-    def export(self, directory: str, merge_lora: bool = True) -> None:
-        """Write a Hugging Face directory (safetensors + tokenizer); LoRA merged unless asked not to."""
-        from equilibrate_pl.modules.common import export_hf
-
-        export_hf(self.model, self.tokenizer, directory, merge_lora=merge_lora)
