@@ -205,9 +205,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             continue
         s, o = metrics["safety_rate"], metrics["over_refusal_rate"]
         data, _, algo = model.partition("/")
-        color = "black" if not algo else ("tab:green" if data == "fdc" else None)
+        color = _arm_color(data) if algo else "black"
         ax.errorbar(o["mean"], s["mean"], xerr=o["std"], yerr=s["std"], marker=markers.get(algo, "*"), markersize=8,
                     linestyle="none", capsize=3, label=model, color=color)
+    ax.text(0.01, 0.01, "coincident points overlap (see the table)", transform=ax.transAxes, fontsize=7, color="gray")
     ax.set_xlabel("over-refusal rate on benign prompts (lower is better)")
     ax.set_ylabel("safety rate on harmful prompts (higher is better)")
     ax.set_title("Safety vs over-refusal: naive scaling vs FDC (tiny model)")
@@ -218,6 +219,14 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _arm_color(data: str) -> str:
+    """FDC green; naive arms from light to dark red as the safety data grows."""
+    if data == "fdc":
+        return "tab:green"
+    scale = float(data.removeprefix("naive-").removesuffix("x") or 1)
+    return "tab:orange" if scale <= 1 else ("tab:red" if scale <= 3 else "darkred")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
