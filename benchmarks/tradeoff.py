@@ -71,8 +71,10 @@ def train_sft(settings: Any, out: Path, safety_quota: int) -> Path:
     return out / "sft"
 
 
-def train_preference(settings: Any, out: Path, name: str, mix: dict[str, Any], adpo: bool, sft_dir: Path, rm_dir: Path) -> Path:
-    """DPO or ADPO from the SFT policy on one data arm (quickstart.stage_dpo's settings, any mix)."""
+def train_preference(settings: Any, out: Path, name: str, mix: dict[str, Any], adpo: bool, sft_dir: Path, rm_dir: Path,
+                     nll_weight: float = 1.0) -> Path:
+    """DPO or ADPO from the SFT policy on one data arm (quickstart.stage_dpo's settings, any mix);
+    ``nll_weight`` is the chosen-response NLL term (1.0 as the quickstart; 0 = plain DPO/ADPO)."""
     from lightning.pytorch import seed_everything
 
     from equilibrate_pl.modules import PreferenceModule
@@ -82,7 +84,7 @@ def train_preference(settings: Any, out: Path, name: str, mix: dict[str, Any], a
     seed_everything(settings.seed + 2, workers=True)
     ama = {"enabled": adpo, "token_signal": "dense_reward", "baseline": "batch_mean"}
     module = PreferenceModule(model=ModelSettings(str(sft_dir)), optim=OptimSettings(lr=5e-4, warmup_steps=5),
-                              beta=0.1, ama=ama, reward_model=str(rm_dir))
+                              beta=0.1, nll_weight=nll_weight, ama=ama, reward_model=str(rm_dir))
     data = _data(settings, "preference", str(sft_dir), **mix)
     _trainer(settings, name, settings.dpo_steps).fit(module, datamodule=data)
     module.export(str(out / name))
@@ -138,7 +140,7 @@ def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[st
             say(f"seed {seed}: {name}")
             safe = name.replace("/", "-")
             if algo in ("dpo", "adpo"):
-                models[name] = train_preference(settings, out, safe, mix, algo == "adpo", sft_dir, rm_dir)
+                models[name] = train_preference(settings, out, safe, mix, algo == "adpo", sft_dir, rm_dir, args.nll_weight)
             else:
                 models[name] = train_policy(settings, out, safe, mix, algo == "appo", sft_dir, rm_dir)
     say(f"seed {seed}: evaluation of {len(models)} models")
@@ -152,7 +154,7 @@ def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[st
 
 def _seed_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a seed's results depend on: a finished seed is reused only with the same settings."""
-    keys = ("scales", "algos", "sft_steps", "sft_safety_quota", "rm_steps", "dpo_steps", "ppo_steps", "batch_size", "eval_limit",
+    keys = ("scales", "algos", "sft_steps", "sft_safety_quota", "nll_weight", "rm_steps", "dpo_steps", "ppo_steps", "batch_size", "eval_limit",
             "max_new_tokens")
     return {k: getattr(args, k) for k in keys}
 
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sft-safety-quota", type=int, default=0,
                         help="safety SFT rows per group in the starting policy (0: helpful-only start, as the quickstart)")
     parser.add_argument("--rm-steps", type=int, default=150)
+    parser.add_argument("--nll-weight", type=float, default=1.0,
+                        help="chosen-response NLL term of the preference arms (quickstart: 1.0; 0 = plain DPO/ADPO)")
     parser.add_argument("--dpo-steps", type=int, default=120)
     parser.add_argument("--ppo-steps", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.tradeoff " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "seeds": args.seeds, "settings": {k: settings[k] for k in ("scales", "algos", "sft_steps", "sft_safety_quota", "rm_steps", "dpo_steps",
+        "seeds": args.seeds, "settings": {k: settings[k] for k in ("scales", "algos", "sft_steps", "sft_safety_quota", "nll_weight", "rm_steps", "dpo_steps",
                                                                      "ppo_steps", "batch_size", "eval_limit", "max_new_tokens")},
         "loadavg_end": list(os.getloadavg()), "seconds": time.perf_counter() - started,
         "per_seed": {str(k): v for k, v in per_seed.items()}, "aggregate": aggregate(per_seed),
