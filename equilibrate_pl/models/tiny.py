@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -108,17 +108,29 @@ def tiny_model_dir(cache_dir: str | os.PathLike[str] | None = None, seed: int = 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     tokenizer = tiny_tokenizer(cache_dir=root, seed=seed)
     final = root / f"tiny-llama-v{TINY_MODEL_VERSION}-seed{seed}-{_tokenizer_fingerprint(tokenizer)}"
+
+    def build(tmp: Path) -> None:
+        build_tiny_model(tokenizer, seed=seed).save_pretrained(tmp)  # safetensors: all transformers>=5 writes
+        tokenizer.save_pretrained(tmp)
+
+    return build_model_dir(final, build)
+
+
+def build_model_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Create the model directory ``final`` once, safely under concurrency.
+
+    ``build(tmp)`` writes into a private temporary directory beside ``final``, which is then renamed
+    into place (atomic on POSIX). When several processes (DDP ranks, pytest workers) race, the first
+    rename wins and the others discard their copy.
+    """
     if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
         return final
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        model = build_tiny_model(tokenizer, seed=seed)
-        model.save_pretrained(tmp)  # safetensors: the only format transformers>=5 writes
-        tokenizer.save_pretrained(tmp)
+        build(tmp)
         try:
-            os.rename(tmp, final)  # atomic on POSIX; fails if another process got there first
+            os.rename(tmp, final)  # fails if another process got there first
         except OSError:
             if not (final / "model.safetensors").is_file():
                 raise
