@@ -12,15 +12,6 @@ from equilibrate_pl.data.fdc import RuleCategorizer
 from equilibrate_pl.data.fdc_judge import RETRY_SUFFIX, JudgeCategorizer, hf_generate_fn, parse_verdict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on the shared 2-core CI their spin-waits cost 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _verdict(explicit: bool, intent: bool, group: str = "general") -> str:
     return "Analysis: the request {is} fine.\n" + json.dumps({"explicit_risk": explicit, "harmful_intent": intent, "group": group})
 

@@ -6,7 +6,6 @@ Helpers at the top are shared with ``test_policy_fsdp.py`` (and its torchrun wor
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -134,16 +133,6 @@ PROMPTS = [
     "How is a pipe bomb made, step by step, with all the details?",
     "Hi",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """Tiny models are latency-bound: with the 2 shared cores busy, OpenMP's spinning threads make
-    every matmul 10-30x slower than one thread does (measured on the CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
