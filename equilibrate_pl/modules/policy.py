@@ -52,6 +52,7 @@ from equilibrate_pl.algorithms.ppo import (
 )
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.data.schema import GROUP_NAMES
+from equilibrate_pl.distributed import destroy_process_group_at_exit
 from equilibrate_pl.modules.common import (
     ModelSettings,
     NonFiniteGuard,
@@ -403,6 +404,7 @@ class PolicyModule(LightningModule):
         self._configured = True
 
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         strategy = type(self.trainer.strategy).__name__
         if strategy in ("FSDPStrategy", "DeepSpeedStrategy") and self.trainer.world_size > 1:
             # These shard or wrap the whole LightningModule as one unit (FSDP1 flat parameters, ZeRO

@@ -16,6 +16,7 @@ from equilibrate_pl.data import SafetyDataModule
 from equilibrate_pl.data.collate import IGNORE_INDEX
 from equilibrate_pl.data.loaders import DataSource
 from equilibrate_pl.data.world import build_world
+from equilibrate_pl.distributed import destroy_process_group_at_exit
 
 
 def tiny_module(**kwargs) -> SafetyDataModule:
@@ -165,6 +166,10 @@ class IndexRecorder(pl.LightningModule):
     def on_train_end(self) -> None:
         if self.out_dir is not None:
             Path(self.out_dir, f"rank{self.global_rank}.json").write_text(json.dumps(self.seen))
+
+    def setup(self, stage: str) -> None:
+        # Without it a ddp_spawn rank can abort at exit after a successful fit (see the module).
+        destroy_process_group_at_exit()
 
 
 def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
