@@ -43,6 +43,48 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     return torch.where(target_mask, logps, torch.zeros_like(logps))
 
 
+
+def first_scored_position(mask: torch.Tensor) -> int:
+    """The first logit position :func:`token_logprobs` reads for any row of ``mask`` (B, L).
+
+    Logit t scores token t + 1, so this is (the first true ``mask[:, 1:]`` column over all rows);
+    ``mask[:, 0]`` is never scored. A model run with ``logits_to_keep = L - first_scored_position(mask)``
+    returns every logit the log-probs need (see :func:`tail_token_logprobs`). ``L - 1`` when nothing is
+    masked in, so that one logit is still kept.
+    """
+    scored = mask[:, 1:].bool().any(0)
+    if not bool(scored.any()):
+        return mask.shape[1] - 1
+    return int(scored.int().argmax())
+
+
+def tail_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`token_logprobs` from the logits of the LAST K positions only (a causal LM run with
+    ``logits_to_keep=K``), in the same full (B, L - 1) layout.
+
+    Args:
+        logits: (B, K, V), K <= L: the logits of positions L - K .. L - 1.
+        labels, mask: (B, L), as for :func:`token_logprobs`.
+
+    Returns:
+        (B, L - 1), entry t = ``log p(labels[:, t + 1] | tokens <= t)`` where ``mask[:, t + 1]``, else 0;
+        the entries before position L - K, which these logits cannot score, are 0.
+
+    Raises:
+        ValueError: if ``mask`` is true on a token whose logit was not kept (K too small): silently
+            zeroing a wanted log-prob would bias every sum.
+    """
+    if logits.dim() != 3 or logits.shape[0] != labels.shape[0] or not 1 <= logits.shape[1] <= labels.shape[1]:
+        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)} (want B, K <= L, V), labels {tuple(labels.shape)}")
+    start = labels.shape[1] - logits.shape[1]
+    if start == 0:
+        return token_logprobs(logits, labels, mask)
+    if mask[:, 1 : start + 1].bool().any():
+        raise ValueError(f"logits start at position {start} but the mask wants tokens at or before it; "
+                         f"keep at least {labels.shape[1] - first_scored_position(mask)} positions")
+    tail = token_logprobs(logits, labels[:, start:], mask[:, start:])  # entry t here is entry start + t
+    return torch.nn.functional.pad(tail, (start, 0))
+
 def sequence_logprobs(token_logps: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) sum of per-token log-probs over the kept tokens.
 

@@ -13,11 +13,18 @@ The step, in order (each a small method a subclass can override):
 Alignment of positions (the easy place for an off-by-one): ``token_logprobs`` entry t is the
 log-prob of token t+1, while ``dense_rewards`` and the data's ``*_token_signal`` hold token t's value
 at position t; both are therefore shifted by one (``[:, 1:]``) before they meet the log-probs.
+
+Memory: DPO never scores the prompt, so the LM head runs only over the positions from the first one
+any row scores (``logits_to_keep``, for models whose forward takes it); the (2B, V)-wide logits are
+the largest tensors of the step (V = 49152 for SmolLM2). The log-probs keep the full (2B, L-1)
+layout, zero over the prompt, so every per-token tensor above stays aligned as described.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -32,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from equilibrate_pl.algorithms.ama import adpo_masks, kept_fraction
 from equilibrate_pl.algorithms.dpo import dpo_loss
-from equilibrate_pl.algorithms.logprobs import sequence_logprobs, token_logprobs
+from equilibrate_pl.algorithms.logprobs import first_scored_position, sequence_logprobs, tail_token_logprobs, token_logprobs
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.modules.common import (
     SingleModelHooks,
@@ -52,6 +59,26 @@ from equilibrate_pl.modules.reward import IGNORE_INDEX, stack_pairs
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # a builtin or C-implemented forward
+        return False
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model(..., logits_to_keep=K)`` returns only the last K positions' logits.
+
+    True for transformers causal LMs that take the argument (Llama, Qwen2, Mistral, ... in
+    transformers 5). A PEFT model passes keyword arguments on to its base model, so its base model's
+    forward is the one checked. Checked once per class (``**kwargs`` alone does not count: a
+    forward could swallow the argument and return every position).
+    """
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return _forward_takes_logits_to_keep(type(base))
 
 
 @dataclass
@@ -195,21 +222,31 @@ class PreferenceModule(SingleModelHooks, LightningModule):
             keys += ("token_signal",)
         return stack_pairs(batch, self.tokenizer.pad_token_id, keys=keys)
 
+    def forward_token_logprobs(self, model: torch.nn.Module, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B, L-1) log-probs of the response tokens under ``model`` (entry t: token t+1).
+
+        Runs the LM head only from the first position any row scores (``logits_to_keep``) when the
+        model accepts it, else over every position; the result is the same either way.
+        """
+        labels = pairs["labels"]
+        mask = labels != IGNORE_INDEX
+        kwargs: dict[str, Any] = dict(input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"], use_cache=False)
+        if not accepts_logits_to_keep(model):
+            return token_logprobs(model(**kwargs).logits, labels, mask)
+        keep = labels.shape[1] - first_scored_position(mask)
+        return tail_token_logprobs(model(**kwargs, logits_to_keep=keep).logits, labels, mask)
+
     def policy_token_logprobs(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B, L-1) policy log-probs of the response tokens (entry t: token t+1)."""
-        logits = self.model(input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"], use_cache=False).logits
-        return token_logprobs(logits, pairs["labels"], pairs["labels"] != IGNORE_INDEX)
+        return self.forward_token_logprobs(self.model, pairs)
 
     @torch.no_grad()
     def reference_token_logprobs(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B, L-1) reference log-probs, same layout as :meth:`policy_token_logprobs`."""
-        kwargs = dict(input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"], use_cache=False)
         if self.reference is not None:
-            logits = self.reference(**kwargs).logits
-        else:
-            with self.model.disable_adapter():
-                logits = self.model(**kwargs).logits
-        return token_logprobs(logits, pairs["labels"], pairs["labels"] != IGNORE_INDEX)
+            return self.forward_token_logprobs(self.reference, pairs)
+        with self.model.disable_adapter():
+            return self.forward_token_logprobs(self.model, pairs)
 
     @torch.no_grad()
     def dense_reward_signal(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
