@@ -125,6 +125,11 @@ class PPOSettings:
         entropy_coef: entropy bonus (0 = none).
         max_grad_norm: gradient clipping per optimizer (``None`` = off).
         reward_clip: clip sequence scores to ``[-reward_clip, reward_clip]`` (``None`` = off).
+        reuse_rollout_forward: with one epoch over one minibatch (the usual GRPO / RLOO setting),
+            run the actor's scoring forward with gradients and let the update reuse it, instead of
+            a no-grad forward now and the same forward again in the update. The step is the same
+            (dropout is off; the ratio is exactly 1 instead of 1 +- 1e-7), one actor forward
+            cheaper; the price is holding the actor's activations while the reward model scores.
     """
 
     ppo_epochs: int = 2
@@ -138,6 +143,7 @@ class PPOSettings:
     entropy_coef: float = 0.0
     max_grad_norm: Optional[float] = 1.0
     reward_clip: Optional[float] = None
+    reuse_rollout_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatch_size < 1:
@@ -527,24 +533,40 @@ class PolicyModule(LightningModule):
             groups=groups,
         )
 
-    @torch.no_grad()
+    def single_pass(self, n_rows: int) -> bool:
+        """Whether the update is one optimizer step on the whole rollout batch, so the scoring
+        forward of the actor can be the update's forward (``PPOSettings.reuse_rollout_forward``)."""
+        return self.ppo.reuse_rollout_forward and self.ppo.ppo_epochs == 1 and n_rows <= self.ppo.minibatch_size
+
     def score(self, rollout: Rollout) -> Rollout:
-        """Old log-probs, reference log-probs, values, scores and dense rewards (no gradients)."""
+        """Old log-probs, reference log-probs, values, scores and dense rewards (no gradients;
+        in single-pass mode the actor's forward keeps its graph for :meth:`update`)."""
         seq, attn, p = rollout.sequences, rollout.attention_mask, rollout.prompt_length
         chunks = _chunks(seq.shape[0], self.ppo.minibatch_size)
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": [], "rm": []}
         shared = self.uses_critic and self.value_head is not None
+        # Only inside a training step (grad mode on): a caller scoring for evaluation gets no graph.
+        single = self.single_pass(seq.shape[0]) and torch.is_grad_enabled()
         for idx in chunks:
             s, a = seq[idx], attn[idx]
-            out = self.actor_forward(self.actor, s, a, p, with_values=shared)
+            # Reference first: with an adapter-disabled reference, the actor's graph below must not
+            # see its own module run again (adapter off, FSDP2 hooks) between forward and backward.
+            with torch.no_grad(), self._reference_context() as ref:
+                parts["ref"].append(self.actor_forward(ref, s, a, p)["logprobs"])
+            if single:
+                with torch.enable_grad():
+                    rollout.update_forward = self.actor_forward(self.actor, s, a, p, with_values=shared, with_entropy=True)
+                out = {key: value.detach() for key, value in rollout.update_forward.items()}
+            else:
+                with torch.no_grad():
+                    out = self.actor_forward(self.actor, s, a, p, with_values=shared)
             parts["logprobs"].append(out["logprobs"])
             if shared:
                 parts["values"].append(out["values"])
-            with self._reference_context() as ref:
-                parts["ref"].append(self.actor_forward(ref, s, a, p)["logprobs"])
-            if self.uses_critic and not shared:
-                parts["values"].append(self.scalar_forward(self.critic, s, a)[:, p - 1:-1])
-            parts["rm"].append(self.scalar_forward(self.reward_model, s, a))
+            with torch.no_grad():
+                if self.uses_critic and not shared:
+                    parts["values"].append(self.scalar_forward(self.critic, s, a)[:, p - 1:-1])
+                parts["rm"].append(self.scalar_forward(self.reward_model, s, a))
         mask = rollout.response_mask
         rollout.logprobs = torch.cat(parts["logprobs"]) * mask
         rollout.ref_logprobs = torch.cat(parts["ref"]) * mask
@@ -671,10 +693,14 @@ class PolicyModule(LightningModule):
                 counts = _all_sum(torch.stack([mb["policy_mask"].sum(), mb["response_mask"].sum()]).float().to(self.device))
                 policy_norm = counts[0].clamp(min=1) / world
                 token_norm = counts[1].clamp(min=1) / world
-                out = self.actor_forward(
-                    self.actor, mb["sequences"], mb["attention_mask"], p,
-                    with_values=shared, with_entropy=True,
-                )
+                if rollout.update_forward is not None:
+                    out = {key: value[idx] for key, value in rollout.update_forward.items()}
+                    rollout.update_forward = None  # one minibatch, one epoch: used exactly once
+                else:
+                    out = self.actor_forward(
+                        self.actor, mb["sequences"], mb["attention_mask"], p,
+                        with_values=shared, with_entropy=True,
+                    )
                 pg_loss, pg_stats = policy_loss(out["logprobs"], mb["logprobs"], mb["advantages"], mb["policy_mask"], self.ppo.clip, normalizer=policy_norm)
                 entropy = masked_mean(out["entropy"], mb["response_mask"], normalizer=token_norm)
                 actor_loss = pg_loss - self.ppo.entropy_coef * entropy

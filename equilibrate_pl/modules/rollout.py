@@ -40,6 +40,8 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
     policy_mask: torch.Tensor | None = None  # (B, R) tokens in the policy loss (APPO mask or response_mask)
+    # Single-pass mode only: the actor's scoring forward, graph attached, which the update reuses.
+    update_forward: dict[str, torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

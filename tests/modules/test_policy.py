@@ -481,3 +481,75 @@ def test_lora_actor_uses_adapter_disabled_reference(equilibrate_cache: Path) -> 
     assert module.last_metrics["kl/k3"] > 0
     with pytest.raises(ReferenceModelError):
         PolicyModule.from_models(actor, tok, rm, critic=critic, reference="adapter_disabled").configure_model()
+
+
+# --------------------------------------------------------------------------------------------
+# Single pass: the scoring forward reused by a one-epoch, one-minibatch update
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setup", ["grpo", "gae_shared_head", "lora_adapter_reference"])
+def test_reused_rollout_forward_takes_the_same_step_with_one_forward_less(equilibrate_cache: Path, setup: str) -> None:
+    """``reuse_rollout_forward`` on vs off: the same gradients at the first optimizer step (the
+    update's rows are a shuffled minibatch, so a reused forward that was not re-indexed would pair
+    log-probs with the wrong advantages) and one actor forward less per step. Gradients, not
+    weights: Adam's first step is about ``lr * sign(g)``, which turns 1e-7 noise in a near-zero
+    gradient (the ratio is exactly 1 on one side, 1 +- 1e-7 on the other) into a full step."""
+    import lightning as L
+
+    from equilibrate_pl.models.loading import LoraSettings, prepare_for_training
+
+    class FirstGradients(L.Callback):
+        grads: dict[str, torch.Tensor] | None = None
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            if self.grads is None:
+                self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def run(reuse: bool) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+        tok, actor, rm, critic = tiny_tokenizer_and_models()
+        settings: dict[str, Any] = dict(generation={"max_new_tokens": 5, "do_sample": True}, seed=0,
+                                        actor_optim={"lr": 5e-2, "scheduler": "constant"},
+                                        critic_optim={"lr": 5e-2, "scheduler": "constant"},
+                                        ppo={"minibatch_size": 8, "ppo_epochs": 1, "reuse_rollout_forward": reuse},
+                                        kl={"coef": 0.1})
+        if setup == "grpo":
+            settings.update(advantage="grpo", samples_per_prompt=2, ama={"enabled": True, "token_signal": "dense_reward"})
+            critic = None
+        elif setup == "gae_shared_head":
+            settings.update(critic_mode="shared", ama={"enabled": True, "token_signal": "value"})
+            critic = None
+        else:
+            torch.manual_seed(0)  # peft draws the LoRA A init from the global RNG
+            actor = prepare_for_training(actor, lora=LoraSettings(r=4, alpha=8), quant=None,
+                                         gradient_checkpointing=True, task_type="CAUSAL_LM")
+        module = PolicyModule.from_models(actor, tok, rm, critic=critic, **settings)
+        calls = {"actor": 0}
+        original = module.actor_forward
+
+        def counting(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+            calls["actor"] += model is module.actor
+            return original(model, *args, **kwargs)
+
+        module.actor_forward = counting  # type: ignore[method-assign]
+        recorder = FirstGradients()
+        make_trainer(max_steps=2, callbacks=[recorder]).fit(module, loader([prompt_batch(tok, PROMPTS)] * 2))
+        assert recorder.grads
+        return recorder.grads, calls["actor"], dict(module.last_metrics)
+
+    reused, reused_calls, reused_metrics = run(True)
+    plain, plain_calls, _ = run(False)
+    # 2 steps x (score + update) vs 2 x one shared forward (plus the adapter-disabled reference's).
+    assert plain_calls - reused_calls == 2
+    assert reused_metrics["ppo/first_ratio_max_deviation"] == 0.0
+    assert reused.keys() == plain.keys()
+    for key, grad in plain.items():
+        assert torch.allclose(reused[key], grad, rtol=1e-4, atol=1e-7), key
+
+
+def test_several_minibatches_or_epochs_keep_the_separate_scoring_forward(kit: Any) -> None:
+    tok, actor, rm, critic = kit
+    module = PolicyModule.from_models(actor, tok, rm, critic=critic, ppo={"minibatch_size": 2, "ppo_epochs": 1})
+    assert not module.single_pass(4) and module.single_pass(2)
+    module = PolicyModule.from_models(actor, tok, rm, critic=critic, ppo={"minibatch_size": 8, "ppo_epochs": 2})
+    assert not module.single_pass(4)

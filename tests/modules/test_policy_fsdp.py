@@ -29,7 +29,7 @@ GLOBAL_BATCH = 4
 CONFIG = REPO / "configs" / "ppo" / "tiny_fsdp_cpu.yaml"
 
 
-def _worker(out: str, world: int) -> None:
+def _worker(out: str, world: int, ppo_epochs: int = 2) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
     import lightning as L
@@ -53,7 +53,7 @@ def _worker(out: str, world: int) -> None:
     module = PolicyModule.from_models(
         actor, tok, reward, critic=critic,
         generation={"max_new_tokens": 6, "do_sample": False},
-        ppo={"minibatch_size": GLOBAL_BATCH // world, "ppo_epochs": 2},
+        ppo={"minibatch_size": GLOBAL_BATCH // world, "ppo_epochs": ppo_epochs},
         ama={"enabled": True, "token_signal": "value", "baseline": "batch_mean"},
         actor_optim={"lr": 1e-2, "scheduler": "constant"}, critic_optim={"lr": 1e-2, "scheduler": "constant"},
         log_refusals=False,
@@ -94,42 +94,55 @@ def _worker(out: str, world: int) -> None:
         torch.save({"state": state, "sharded": False, "steps": trainer.global_step}, out)
 
 
-def _launch(world: int, out: Path, cache: Path, strategy: str | None = None) -> None:
+def _launch(world: int, out: Path, cache: Path, strategy: str | None = None, ppo_epochs: int = 2) -> None:
     env = {**os.environ, "EQUILIBRATE_CACHE": str(cache), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("POLICY_STRATEGY", None)
     if strategy is not None:
         env["POLICY_STRATEGY"] = strategy
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           __file__, "--worker", str(out), str(world)]
+           __file__, "--worker", str(out), str(world), str(ppo_epochs)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise AssertionError(f"{world}-process run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
 
 
 @pytest.fixture(scope="module")
-def one_process_state(equilibrate_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The 1-process reference run, in this process (no launcher needed)."""
+def one_process_state(equilibrate_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The 1-process reference run for a number of PPO epochs, in this process (no launcher)."""
     from equilibrate_pl.data.tokenizer import tiny_tokenizer
 
     tiny_tokenizer()  # build the cache once, before several processes race for it
-    out = tmp_path_factory.mktemp("one") / "one.pt"
-    threads = torch.get_num_threads()
-    try:
-        _worker(str(out), 1)
-    finally:
-        torch.set_num_threads(threads)
-    return torch.load(out, weights_only=True)
+    runs: dict[int, dict[str, Any]] = {}
+
+    def get(ppo_epochs: int) -> dict[str, Any]:
+        if ppo_epochs not in runs:
+            out = tmp_path_factory.mktemp("one") / "one.pt"
+            threads = torch.get_num_threads()
+            try:
+                _worker(str(out), 1, ppo_epochs)
+            finally:
+                torch.set_num_threads(threads)
+            runs[ppo_epochs] = torch.load(out, weights_only=True)
+        return runs[ppo_epochs]
+
+    return get
 
 
 @pytest.mark.parametrize(
-    "strategy",
-    # DDP is marked slow only to keep the default suite's time down (~30 s per 2-process run).
-    [None, pytest.param("ddp_find_unused_parameters_true", marks=pytest.mark.slow)],
-    ids=["fsdp2", "ddp"],
+    ("strategy", "ppo_epochs"),
+    [
+        (None, 2),
+        # One epoch over one minibatch: the update reuses the scoring forward's graph, which
+        # FSDP2 must re-gather for in the backward after the reward model has run in between.
+        (None, 1),
+        # DDP is marked slow only to keep the default suite's time down (~30 s per 2-process run).
+        pytest.param("ddp_find_unused_parameters_true", 2, marks=pytest.mark.slow),
+    ],
+    ids=["fsdp2", "fsdp2-single-pass", "ddp"],
 )
 def test_two_processes_equal_one_process(
-    one_process_state: dict[str, Any], equilibrate_cache: Path, tmp_path: Path, strategy: str | None
+    one_process_state: Any, equilibrate_cache: Path, tmp_path: Path, strategy: str | None, ppo_epochs: int
 ) -> None:
     """Weights after 2 PPO iterations agree to float tolerance, measured relative to the update.
 
@@ -141,8 +154,8 @@ def test_two_processes_equal_one_process(
     all-reduce gives > 1e-1).
     """
     two = tmp_path / "two.pt"
-    _launch(2, two, equilibrate_cache, strategy)
-    a, b = one_process_state, torch.load(two, weights_only=True)
+    _launch(2, two, equilibrate_cache, strategy, ppo_epochs)
+    a, b = one_process_state(ppo_epochs), torch.load(two, weights_only=True)
     assert b["sharded"] == (strategy is None) and a["steps"] == b["steps"] == 2
     assert a["state"].keys() == b["state"].keys()
     from tests.modules.test_policy import tiny_tokenizer_and_models
@@ -159,5 +172,5 @@ def test_two_processes_equal_one_process(
     assert moved_total > 1.0  # the updates did something
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
-    _worker(sys.argv[2], int(sys.argv[3]))
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
