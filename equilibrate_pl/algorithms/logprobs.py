@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch.autograd.function import once_differentiable
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """``log_softmax(logits, -1).gather(-1, targets)`` with a backward that allocates one logits-sized
+    tensor.
+
+    The logits are the step's largest tensors (V ~ 50k). Autograd's ``gather - logsumexp`` backward
+    holds three of that size at once (the softmax, gather's scattered gradient, their sum); this one
+    builds ``(onehot - softmax) * grad`` in a single tensor, in place. Measured on the SmolLM2 LoRA
+    DPO step: the allocator's peak drops by one logits tensor. (A logsumexp over position slices in
+    the forward was tried too: no change in the peak, so it is not done.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return picked - lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        # d/dz (z_y - logsumexp z) = onehot(y) - softmax(z)
+        out = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(-grad)
+        out.scatter_add_(-1, targets.unsqueeze(-1), grad)
+        return out, None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -34,10 +66,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     # At least float32 (bf16/fp16 log-softmax loses ~2 digits); float64 input stays float64.
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     # Unwanted labels (-100, pad ids) may be out of range for gather; their value is discarded.
-    targets = torch.where(target_mask, targets, torch.zeros_like(targets)).unsqueeze(-1)
-    # gather - logsumexp avoids materialising a second (B, L, V) tensor as log_softmax would.
-    picked = torch.gather(logits, -1, targets).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
+    targets = torch.where(target_mask, targets, torch.zeros_like(targets))
+    logps = _SelectedLogSoftmax.apply(logits, targets)
     # where, not multiply: inf/nan logits at padding (e.g. fully masked attention rows) would turn
     # into nan under `* 0` and poison the row sums.
     return torch.where(target_mask, logps, torch.zeros_like(logps))
