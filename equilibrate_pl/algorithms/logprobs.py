@@ -9,8 +9,7 @@ from torch.autograd.function import once_differentiable
 
 
 class _SelectedLogSoftmax(torch.autograd.Function):
-    """``log_softmax(logits, -1).gather(-1, targets)`` with a backward that allocates one logits-sized
-    tensor.
+    """``log_softmax(logits, -1).gather(-1, targets)``; its backward allocates one logits-sized tensor.
 
     The logits are the step's largest tensors (V ~ 50k). Autograd's ``gather - logsumexp`` backward
     holds three of that size at once (the softmax, gather's scattered gradient, their sum); this one
@@ -73,14 +72,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     return torch.where(target_mask, logps, torch.zeros_like(logps))
 
 
-
 def first_scored_position(mask: torch.Tensor) -> int:
     """The first logit position :func:`token_logprobs` reads for any row of ``mask`` (B, L).
 
     Logit t scores token t + 1, so this is (the first true ``mask[:, 1:]`` column over all rows);
     ``mask[:, 0]`` is never scored. A model run with ``logits_to_keep = L - first_scored_position(mask)``
     returns every logit the log-probs need (see :func:`tail_token_logprobs`). ``L - 1`` when nothing is
-    masked in, so that one logit is still kept.
+    masked in, so that one logit is still kept. Reads the mask on the host (one device sync).
     """
     scored = mask[:, 1:].bool().any(0)
     if not bool(scored.any()):
@@ -114,6 +112,7 @@ def tail_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.
                          f"keep at least {labels.shape[1] - first_scored_position(mask)} positions")
     tail = token_logprobs(logits, labels[:, start:], mask[:, start:])  # entry t here is entry start + t
     return torch.nn.functional.pad(tail, (start, 0))
+
 
 def sequence_logprobs(token_logps: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) sum of per-token log-probs over the kept tokens.

@@ -15,7 +15,7 @@ log-prob of token t+1, while ``dense_rewards`` and the data's ``*_token_signal``
 at position t; both are therefore shifted by one (``[:, 1:]``) before they meet the log-probs.
 
 Memory: DPO never scores the prompt, so the LM head runs only over the positions from the first one
-any row scores (``logits_to_keep``, for models whose forward takes it); the (2B, V)-wide logits are
+any row scores (``logits_to_keep``, for models whose forward takes it): the (2B, L, V) logits are
 the largest tensors of the step (V = 49152 for SmolLM2). The log-probs keep the full (2B, L-1)
 layout, zero over the prompt, so every per-token tensor above stays aligned as described.
 """

@@ -264,3 +264,22 @@ def test_left_padded_rows_keep_the_same_window() -> None:
     first = min(int((row != -100).nonzero()[0]) for row in left[2])
     assert widths == [width - (first - 1)] and widths[0] < width
     torch.testing.assert_close(got.double(), full_forward_logps(module.model, *left), **TOL)
+
+
+def test_reference_logits_are_freed_before_the_policy_forward() -> None:
+    import weakref
+
+    module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
+                              ama=AMASettings(enabled=True, token_signal="implicit"))
+    batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=11)
+    outputs: list[weakref.ref] = []
+    alive_at_call: list[bool] = []
+
+    def hook(mod: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        alive_at_call.append(any(ref() is not None for ref in outputs))
+        outputs.append(weakref.ref(out))
+
+    handle = module.model.get_output_embeddings().register_forward_hook(hook)
+    module.compute_loss(batch)
+    handle.remove()
+    assert alive_at_call == [False, False]  # reference head, then policy head: the first logits were gone
