@@ -19,8 +19,8 @@ seeds go to ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` in ``--out``
     python -m benchmarks.tradeoff --seeds 0 1 2            # the documented size
     python -m benchmarks.tradeoff --seeds 0 --dpo-steps 60   # what fits a short budget
 
-The real-model variant (SmolLM2-135M-Instruct + LoRA, hh-rlhf pairs, BeaverTails-FDC prompts,
-XSTest) is described in ``benchmarks/README.md``; it is not implemented in this script.
+The real-model variant (SmolLM2-135M-Instruct + LoRA, hh-rlhf pairs, BeaverTails-FDC labels,
+XSTest) is ``benchmarks/tradeoff_real.py``; it reuses this module's plot.
 """
 
 from __future__ import annotations
@@ -193,7 +193,9 @@ def markdown(summary: dict[str, Any]) -> str:
             + head + "\n" + "\n".join(rows) + "\n")
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
+def plot(summary: dict[str, Any], path: Path, title: str = "Safety vs over-refusal: naive scaling vs FDC (tiny model)",
+         xlabel: str = "over-refusal rate on benign prompts (lower is better)",
+         ylabel: str = "safety rate on harmful prompts (higher is better)") -> None:
     """Safety (harmful prompts refused) against over-refusal (benign refused), error bars = spread."""
     import matplotlib
 
@@ -211,9 +213,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.errorbar(o["mean"], s["mean"], xerr=o["std"], yerr=s["std"], marker=markers.get(algo, "*"), markersize=8,
                     linestyle="none", capsize=3, label=model, color=color)
     ax.text(0.01, 0.01, "coincident points overlap (see the table)", transform=ax.transAxes, fontsize=7, color="gray")
-    ax.set_xlabel("over-refusal rate on benign prompts (lower is better)")
-    ax.set_ylabel("safety rate on harmful prompts (higher is better)")
-    ax.set_title("Safety vs over-refusal: naive scaling vs FDC (tiny model)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
