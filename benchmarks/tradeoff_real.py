@@ -396,7 +396,7 @@ def write_outputs(summary: dict[str, Any], out: Path, name: str) -> None:
 # -- main -------------------------------------------------------------------------------------
 
 
-SMOKE = {"model": "builtin:tiny", "hh_limit": 60, "general": 8, "fdc_safety": 6, "eval_limit": 12, "max_new_tokens": 8,
+SMOKE = {"model": "builtin:tiny", "hh_limit": 40, "general": 4, "fdc_safety": 4, "eval_limit": 8, "max_new_tokens": 4,
          "categorizer": "rules", "batch_size": 4, "max_length": 96, "max_prompt_length": 64}
 
 
