@@ -34,9 +34,11 @@ generations ``tradeoff-real-generations.jsonl`` in ``--out``. Each step's result
 ``--workdir`` with the settings it depends on; a rerun with the same settings reuses finished
 arms and evaluations (so an interrupted run resumes at the arm it was in).
 
-The documented run (about an hour on 2 shared CPU cores):
+The documented run (about an hour on 2 shared CPU cores; one torch thread, because on a machine
+shared with other jobs two threads per process lost more to spin-waits than they gained: a SmolLM2
+LoRA step took 25-68 s instead of ~10 s while another 2-thread job ran):
 
-    nohup python -m benchmarks.tradeoff_real --threads 2 > runs/tradeoff-real.log 2>&1 &
+    nohup python -m benchmarks.tradeoff_real --threads 1 > runs/tradeoff-real.log 2>&1 &
 
 ``--arms before naive-4x/dpo fdc/adpo`` runs the three headline models only; the default adds
 ``fdc/dpo`` and ``naive-4x/adpo``, which separate the data effect from the algorithm effect.
@@ -259,20 +261,20 @@ def train_arm(arm: str, pool: dict[str, Any], args: argparse.Namespace, say: Cal
     cpu0 = time.process_time()
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                      log_every_n_steps=1, callbacks=[_Progress(arm, steps, say)])
+                      log_every_n_steps=1, callbacks=[_progress_callback(arm, steps, say)])
     trainer.fit(module, datamodule=data)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
     module.export(str(out / "model"))
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     payload = {"settings": settings, "dir": str(out / "model"), "pairs": pairs, "groups": counts, "steps": steps,
-               "mix": {k: v for k, v in mix.items()}, "seconds": seconds, "cpu_seconds": cpu, "last_logged": logged,
+               "mix": dict(mix), "seconds": seconds, "cpu_seconds": cpu, "last_logged": logged,
                "loadavg_end": list(os.getloadavg())}
     write_json_atomic(out / "arm.json", payload)
     say(f"{arm}: trained in {seconds:.0f} s ({seconds / steps:.1f} s/step)")
     return payload
 
 
-def _Progress(arm: str, steps: int, say: Callable[[str], None], every: int = 10) -> Any:
+def _progress_callback(arm: str, steps: int, say: Callable[[str], None], every: int = 10) -> Any:
     """A callback that reports the step rate every ``every`` steps (the log shows a long run moving)."""
     from lightning.pytorch.callbacks import Callback
 
@@ -360,7 +362,7 @@ def markdown(summary: dict[str, Any]) -> str:
     return (
         f"# Trade-off on a real model: {summary['settings']['model']} + LoRA r={summary['settings']['lora_r']}, XSTest\n\n"
         f"Pool: {pool['pairs']} hh-rlhf harmless pairs ({pool['skipped_rows']} malformed rows skipped), categorized by "
-        f"`{pool['categorizer']['method']}` as {pool['groups']}; general data: {pool['sizes']['general']} classifier-`general` pairs "
+        f"`{pool['categorizer']['method']}` as {pool['groups']}; general data: {pool['sizes']['general']} categorizer-`general` pairs "
         f"in every arm. XSTest: {first['counts']}; greedy, {summary['settings']['max_new_tokens']} new tokens; refusal detector "
         f"(`equilibrate_pl.eval.refusal`). Wall time {summary['seconds'] / 60:.1f} min, load average at the end "
         f"{summary['loadavg_end'][0]:.2f}.\n\n`{summary['command']}`\n\n" + head + "\n" + "\n".join(rows)
@@ -422,7 +424,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: see the module docstring)")
     p.add_argument("--workdir", type=Path, default=Path("runs/tradeoff-real"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default=NAME, help="output file stem")
