@@ -493,6 +493,36 @@ def group_means(values: torch.Tensor, groups: Sequence[str]) -> dict[str, tuple[
     return out
 
 
+def step_is_logged(module: LightningModule) -> bool:
+    """Whether what this training step passes to ``self.log`` will be read by anyone.
+
+    ``self.log`` in ``training_step`` defaults to ``on_step=True, on_epoch=False``: the value is kept
+    until the next call and only read when Lightning writes the loggers (every
+    ``trainer.log_every_n_steps`` optimizer steps), at the end of an epoch or of training (callbacks
+    read ``trainer.callback_metrics`` then), or by a progress bar. Each ``self.log`` call costs Python
+    work and small tensor copies, so diagnostics logged only when this returns True give identical
+    logged values at those steps for less. Between logged steps ``trainer.callback_metrics`` keep the
+    previous logged step's value (a callback monitoring a training metric every N steps should use
+    a multiple of ``log_every_n_steps``).
+
+    Outside training (validation, test, no trainer) it is always True: epoch aggregates need every batch.
+    """
+    trainer = module._trainer
+    if trainer is None or not trainer.training:
+        return True
+    if trainer.should_stop or trainer.is_last_batch:
+        return True
+    if 0 <= trainer.max_steps <= trainer.global_step + 1:
+        return True
+    # Lightning decides with its own counter (batches that stepped, restored on resume); use its
+    # rule when it is there, else the same rule on global_step (equal with one optimizer).
+    connector = getattr(trainer, "_logger_connector", None)
+    if isinstance(getattr(type(connector), "should_update_logs", None), property):
+        return bool(connector.should_update_logs)
+    every = trainer.log_every_n_steps
+    return every > 0 and (trainer.global_step + 1) % every == 0
+
+
 def log_per_group(module: LightningModule, prefix: str, values: torch.Tensor, groups: Sequence[str] | None, **kwargs: Any) -> None:
     """Log ``{prefix}/{group}`` means, weighted by each group's rows in the epoch average.
 

@@ -2,11 +2,15 @@
 
 One forward pass gives both the sequence score (at the last real token, PITFALLS #3) and, through
 differences of prefix scores, the dense per-token rewards that ADPO/APPO use as token signal.
+
+Training only needs the sequence scores. For a causal model and right-padded rows they do not depend
+on the padding, so the step scores rows of similar length together, each group cut to its own
+longest row, with no attention mask (:func:`length_groups`, :func:`right_padded_scores`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,7 @@ from equilibrate_pl.modules.common import (
     log_per_group,
     rank_max,
     save_plain_hyperparameters,
+    step_is_logged,
 )
 
 IGNORE_INDEX = -100
@@ -46,6 +51,88 @@ def stack_pairs(batch: dict[str, Any], pad_token_id: int, keys: tuple[str, ...] 
     return out
 
 
+def right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
+    """Each row's number of real tokens if every row is right-padded (its real tokens are a prefix
+    of the row), else ``None``. One host transfer.
+
+    Raises:
+        ValueError: a row has no real token (nothing to score).
+    """
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1)
+    no_real_after_pad = (mask[:, 1:] <= mask[:, :-1]).all() if mask.shape[1] > 1 else mask.new_ones(())
+    values = torch.cat([lengths, no_real_after_pad.view(1).to(lengths.dtype)]).tolist()
+    lengths_list, right_padded = values[:-1], bool(values[-1])
+    if 0 in lengths_list:
+        rows = [i for i, n in enumerate(lengths_list) if n == 0]
+        raise ValueError(f"rows {rows} have no real token (attention_mask all zero); nothing to score")
+    return lengths_list if right_padded else None
+
+
+def length_groups(lengths: Sequence[int], max_groups: int, forward_cost: float = 0.1) -> list[list[int]]:
+    """Row indices split into at most ``max_groups`` groups of similar length, longest rows first.
+
+    Each group is run as its own forward cut to its longest row, so it costs ``rows x longest``
+    padded positions. Starting from one group of the rows sorted by length, the split that removes
+    the most positions is made, again and again, while it removes more than ``forward_cost`` times
+    the unsplit batch's positions (the fixed cost of one more forward and backward: kernel launches,
+    Python): rows of equal length stay one group. O(max_groups x rows) on the host.
+    """
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if not order:
+        return []
+    longest = [lengths[i] for i in order]
+    threshold = forward_cost * len(order) * longest[0]
+
+    def best_split(lo: int, hi: int) -> tuple[float, int]:
+        # Rows lo..hi-1 (sorted, longest first) as one group cost (hi - lo) * longest[lo];
+        # split at s they cost (s - lo) * longest[lo] + (hi - s) * longest[s].
+        return max(((hi - s) * (longest[lo] - longest[s]), s) for s in range(lo + 1, hi)) if hi - lo > 1 else (0, lo)
+
+    bounds = [(0, len(order))]
+    while len(bounds) < max_groups:
+        candidates = [(*best_split(lo, hi), k) for k, (lo, hi) in enumerate(bounds)]
+        saving, at, k = max(candidates)
+        if saving <= threshold:
+            break
+        lo, hi = bounds[k]
+        bounds[k : k + 1] = [(lo, at), (at, hi)]
+    return [order[lo:hi] for lo, hi in bounds]
+
+
+def right_padded_scores(model: torch.nn.Module, input_ids: torch.Tensor, lengths: Sequence[int], groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B,) float32 scores at each row's last real token, from one forward per group of rows.
+
+    Rows must be right-padded (``lengths[i]`` real tokens first) and the model causal: a real token
+    then only attends to real tokens before it, so cutting a group to its longest row and passing
+    no attention mask (plain causal attention, positions 0, 1, ...) gives the same scores as the
+    padded, masked forward, for less work (no padding columns beyond each group's longest row, no
+    4-D mask; sdpa runs its causal kernel).
+    """
+    device = input_ids.device
+    parts, rows_in_order = [], []
+    for rows in groups:
+        index = torch.tensor(rows, device=device)
+        width = max(lengths[i] for i in rows)
+        logits = model(input_ids=input_ids[index, :width], use_cache=False).logits  # (b, width, 1)
+        last = torch.tensor([lengths[i] - 1 for i in rows], device=device)
+        parts.append(logits[torch.arange(len(rows), device=device), last, 0])
+        rows_in_order.extend(rows)
+    scores = torch.cat(parts).float()
+    inverse = torch.empty(len(rows_in_order), dtype=torch.long)
+    inverse[torch.tensor(rows_in_order)] = torch.arange(len(rows_in_order))
+    return scores[inverse.to(device)]
+
+
+def is_causal_model(model: torch.nn.Module) -> bool:
+    """True when every attention module that declares ``is_causal`` (transformers' decoder
+    attention does) declares it True, and at least one does."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
 class RewardModule(SingleModelHooks, LightningModule):
     """Bradley-Terry reward model on preference batches.
 
@@ -55,6 +142,17 @@ class RewardModule(SingleModelHooks, LightningModule):
         margin: constant margin in the loss; a per-pair ``margin`` tensor in the batch is used instead
             when present.
         max_nonfinite_steps: stop after this many non-finite losses in a row.
+        length_groups: :meth:`score` runs right-padded rows of a causal model in up to this many
+            forwards of rows of similar length, each cut to its longest row (less padding; the
+            scores are the same). A split is only made when it saves more than about 10% of the
+            padded positions per extra forward. 1 = one forward over the padded batch; on a GPU with
+            few, short rows, where a forward costs its weight reads rather than its tokens, 1 is
+            usually faster.
+
+    Training-step diagnostics (score means, margin, per-group accuracy) are logged on the steps
+    Lightning writes to its loggers (``log_every_n_steps``), at the end of an epoch and of training
+    (:func:`~equilibrate_pl.modules.common.step_is_logged`); loss and accuracy also every step while a
+    progress bar shows them. Validation logs every batch (exact epoch means).
 
     Override :meth:`compute_loss` to change the objective, :meth:`score` to change the scoring.
     """
@@ -65,18 +163,25 @@ class RewardModule(SingleModelHooks, LightningModule):
         optim: OptimSettings | None = None,
         margin: float = 0.0,
         max_nonfinite_steps: int = 3,
+        length_groups: int = 2,
     ) -> None:
         super().__init__()
+        if length_groups < 1:
+            raise ValueError(f"length_groups must be >= 1, got {length_groups}")
         self.model_settings: ModelSettings = coerce_settings(ModelSettings, model) or ModelSettings()
         self.optim: OptimSettings = coerce_settings(OptimSettings, optim) or OptimSettings(lr=1e-4)
         self.margin = margin
+        self.length_groups = length_groups
         save_plain_hyperparameters(
-            self, model=self.model_settings, optim=self.optim, margin=margin, max_nonfinite_steps=max_nonfinite_steps
+            self, model=self.model_settings, optim=self.optim, margin=margin, max_nonfinite_steps=max_nonfinite_steps,
+            length_groups=length_groups,
         )
         self.model, self.tokenizer = build_scalar_model(self.model_settings)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         self.guard = NonFiniteGuard(max_nonfinite_steps)
-        self.train_accuracy = BinaryAccuracy()
+        self._causal = is_causal_model(self.model)
+        # Validation accumulates correct/total over the epoch (exact, synced across ranks); a
+        # training step logs its own batch's accuracy, a plain mean.
         self.val_accuracy = BinaryAccuracy()
 
     # -- scoring ---------------------------------------------------------------------------
@@ -88,10 +193,17 @@ class RewardModule(SingleModelHooks, LightningModule):
         return position_scores(self.model, input_ids, attention_mask)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) sequence scores: the prefix score at each row's last real token."""
+        """(B,) sequence scores: the prefix score at each row's last real token.
+
+        Right-padded rows of a causal model go through :func:`right_padded_scores` in up to
+        ``length_groups`` forwards; anything else (left padding) through one masked forward.
+        """
         from equilibrate_pl.models import last_token_scores
 
-        return last_token_scores(self.position_scores(input_ids, attention_mask), attention_mask)
+        lengths = right_padded_lengths(attention_mask) if self._causal else None
+        if lengths is None:
+            return last_token_scores(self.position_scores(input_ids, attention_mask), attention_mask)
+        return right_padded_scores(self.model, input_ids, lengths, length_groups(lengths, self.length_groups))
 
     @torch.no_grad()
     def dense_token_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -116,27 +228,39 @@ class RewardModule(SingleModelHooks, LightningModule):
         losses = bradley_terry_loss(chosen, rejected, margin)
         return losses.mean(), {"chosen": chosen.detach(), "rejected": rejected.detach()}
 
-    def _log_step(self, split: str, batch: dict[str, Any], loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+    def _log_train(self, batch: dict[str, Any], loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        full = step_is_logged(self)
+        if not full and self._trainer is not None and self.trainer.progress_bar_callback is None:
+            return  # nobody reads this step's values
+        bs = stats["chosen"].shape[0]
+        correct = (stats["chosen"] > stats["rejected"]).float()  # ties count as wrong
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/accuracy", correct.mean(), prog_bar=True, batch_size=bs)
+        if full:
+            means = torch.stack([stats["chosen"], stats["rejected"], stats["chosen"] - stats["rejected"]]).mean(-1)
+            self.log_dict({"train/score_chosen": means[0], "train/score_rejected": means[1], "train/margin": means[2]},
+                          batch_size=bs)
+            log_per_group(self, "train/accuracy_group", correct, batch.get("group"))
+
+    def _log_val(self, batch: dict[str, Any], loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         bs = stats["chosen"].shape[0]
         correct = (stats["chosen"] > stats["rejected"]).long()  # ties count as wrong
-        metric = self.train_accuracy if split == "train" else self.val_accuracy
-        metric(correct, torch.ones_like(correct))
-        sync = split == "val"
-        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=sync)
-        self.log(f"{split}/accuracy", metric, prog_bar=True, batch_size=bs)
-        self.log(f"{split}/score_chosen", stats["chosen"].mean(), batch_size=bs, sync_dist=sync)
-        self.log(f"{split}/score_rejected", stats["rejected"].mean(), batch_size=bs, sync_dist=sync)
-        self.log(f"{split}/margin", (stats["chosen"] - stats["rejected"]).mean(), batch_size=bs, sync_dist=sync)
-        log_per_group(self, f"{split}/accuracy_group", correct.float(), batch.get("group"))
+        self.val_accuracy(correct, torch.ones_like(correct))
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/accuracy", self.val_accuracy, prog_bar=True, batch_size=bs)
+        self.log("val/score_chosen", stats["chosen"].mean(), batch_size=bs, sync_dist=True)
+        self.log("val/score_rejected", stats["rejected"].mean(), batch_size=bs, sync_dist=True)
+        self.log("val/margin", (stats["chosen"] - stats["rejected"]).mean(), batch_size=bs, sync_dist=True)
+        log_per_group(self, "val/accuracy_group", correct.float(), batch.get("group"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, stats = self.compute_loss(batch)
         if not self.guard.check(loss, step=self.global_step, sync=rank_max(self)):
             self.log("train/skipped_steps", float(self.guard.total_skipped), batch_size=stats["chosen"].shape[0])
             return None
-        self._log_step("train", batch, loss, stats)
+        self._log_train(batch, loss, stats)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, stats = self.compute_loss(batch)
-        self._log_step("val", batch, loss, stats)
+        self._log_val(batch, loss, stats)
