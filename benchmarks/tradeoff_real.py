@@ -364,7 +364,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Pool: {pool['pairs']} hh-rlhf harmless pairs ({pool['skipped_rows']} malformed rows skipped), categorized by "
         f"`{pool['categorizer']['method']}` as {pool['groups']}; general data: {pool['sizes']['general']} categorizer-`general` pairs "
         f"in every arm. XSTest: {first['counts']}; greedy, {summary['settings']['max_new_tokens']} new tokens; refusal detector "
-        f"(`equilibrate_pl.eval.refusal`). Wall time {summary['seconds'] / 60:.1f} min, load average at the end "
+        f"(`equilibrate_pl.eval.refusal`). Training + evaluation time of all models {summary['work_seconds'] / 60:.1f} min "
+        f"(this invocation: {summary['seconds'] / 60:.1f} min; a resumed run reuses finished steps), load average at the end "
         f"{summary['loadavg_end'][0]:.2f}.\n\n`{summary['command']}`\n\n" + head + "\n" + "\n".join(rows)
         + "\n\nRefusal rate per XSTest type (`contrast_*` are the unsafe prompts: refusing them is right):\n\n"
         + type_head + "\n" + "\n".join(type_rows) + "\n"
@@ -470,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "command": "python -m benchmarks.tradeoff_real " + " ".join(argv),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "torch_threads": torch.get_num_threads(), "seconds": time.perf_counter() - started,
+            # Summed from the saved steps, so a resumed run still reports what the results cost.
+            "work_seconds": sum(a["seconds"] for a in arms.values()) + sum(m["seconds"] for m in models.values()),
             "loadavg_end": list(os.getloadavg()), "pool": {k: v for k, v in pool.items() if k != "settings"},
             "arms": {k: {kk: vv for kk, vv in v.items() if kk != "settings"} for k, v in arms.items()},
             "models": models, "complete": len(models) == len(args.arms),
