@@ -5,7 +5,7 @@ differences of prefix scores, the dense per-token rewards that ADPO/APPO use as 
 
 Training only needs the sequence scores. For a causal model and right-padded rows they do not depend
 on the padding, so the step scores rows of similar length together, each group cut to its own
-longest row, with no attention mask (:func:`length_groups`, :func:`right_padded_scores`).
+longest row, with no attention mask (:func:`group_rows_by_length`, :func:`right_padded_scores`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from equilibrate_pl.modules.common import (
 IGNORE_INDEX = -100
 
 
-def stack_pairs(batch: dict[str, Any], pad_token_id: int, keys: tuple[str, ...] = ("input_ids", "attention_mask", "labels")) -> dict[str, torch.Tensor]:
+def stack_pairs(
+    batch: dict[str, Any], pad_token_id: int, keys: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
+) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one (2B, L) batch, right-padded to the longer side.
 
     One forward pass over both halves instead of two: half the kernel launches and one weight read.
@@ -69,7 +71,7 @@ def right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
     return lengths_list if right_padded else None
 
 
-def length_groups(lengths: Sequence[int], max_groups: int, forward_cost: float = 0.1) -> list[list[int]]:
+def group_rows_by_length(lengths: Sequence[int], max_groups: int, forward_cost: float = 0.1) -> list[list[int]]:
     """Row indices split into at most ``max_groups`` groups of similar length, longest rows first.
 
     Each group is run as its own forward cut to its longest row, so it costs ``rows x longest``
@@ -102,7 +104,9 @@ def length_groups(lengths: Sequence[int], max_groups: int, forward_cost: float =
     return [order[lo:hi] for lo, hi in bounds]
 
 
-def right_padded_scores(model: torch.nn.Module, input_ids: torch.Tensor, lengths: Sequence[int], groups: Sequence[Sequence[int]]) -> torch.Tensor:
+def right_padded_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, lengths: Sequence[int], groups: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """(B,) float32 scores at each row's last real token, from one forward per group of rows.
 
     Rows must be right-padded (``lengths[i]`` real tokens first) and the model causal: a real token
@@ -143,11 +147,10 @@ class RewardModule(SingleModelHooks, LightningModule):
             when present.
         max_nonfinite_steps: stop after this many non-finite losses in a row.
         length_groups: :meth:`score` runs right-padded rows of a causal model in up to this many
-            forwards of rows of similar length, each cut to its longest row (less padding; the
-            scores are the same). A split is only made when it saves more than about 10% of the
-            padded positions per extra forward. 1 = one forward over the padded batch; on a GPU with
-            few, short rows, where a forward costs its weight reads rather than its tokens, 1 is
-            usually faster.
+            forwards of rows of similar length, each cut to its longest row (less padding, same
+            scores); a split is made only when it saves more than 10% of the batch's padded
+            positions per extra forward. 1 = a single forward. On a GPU with few, short rows, where
+            a forward costs its weight reads rather than its tokens, 1 is usually faster.
 
     Training-step diagnostics (score means, margin, per-group accuracy) are logged on the steps
     Lightning writes to its loggers (``log_every_n_steps``), at the end of an epoch and of training
@@ -203,7 +206,8 @@ class RewardModule(SingleModelHooks, LightningModule):
         lengths = right_padded_lengths(attention_mask) if self._causal else None
         if lengths is None:
             return last_token_scores(self.position_scores(input_ids, attention_mask), attention_mask)
-        return right_padded_scores(self.model, input_ids, lengths, length_groups(lengths, self.length_groups))
+        groups = group_rows_by_length(lengths, self.length_groups)
+        return right_padded_scores(self.model, input_ids, lengths, groups)
 
     @torch.no_grad()
     def dense_token_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
 from equilibrate_pl.modules.common import OptimSettings, step_is_logged
-from equilibrate_pl.modules.reward import RewardModule, length_groups, right_padded_lengths, stack_pairs
+from equilibrate_pl.modules.reward import RewardModule, group_rows_by_length, is_causal_model, right_padded_lengths, stack_pairs
 
 GROUPS = ("EHD", "IHD", "MHD", "general")
 
@@ -81,12 +81,12 @@ def padded_positions(lengths: list[int], groups: list[list[int]]) -> int:
     return sum(len(g) * max(lengths[i] for i in g) for g in groups)
 
 
-def test_length_groups_partition_and_best_first_split() -> None:
+def test_group_rows_by_length_partition_and_best_first_split() -> None:
     rng = random.Random(0)
     for _ in range(200):
         lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 12))]
         for k in (1, 2, 3, 5):
-            groups = length_groups(lengths, k)
+            groups = group_rows_by_length(lengths, k)
             assert 1 <= len(groups) <= k
             assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
             # longest first, each group a run of the sorted lengths
@@ -98,14 +98,14 @@ def test_length_groups_partition_and_best_first_split() -> None:
         n, top = len(desc), desc[0]
         best = min(((s * top + (n - s) * desc[s]) for s in range(1, n)), default=n * top)
         expected = best if n * top - best > 0.1 * n * top else n * top
-        assert padded_positions(lengths, length_groups(lengths, 2)) == expected
-    assert length_groups([7, 7, 7, 7], 4) == [[0, 1, 2, 3]]  # equal lengths: nothing to save
-    assert [sorted(g) for g in length_groups([5, 90, 88, 6], 2)] == [[1, 2], [0, 3]]
+        assert padded_positions(lengths, group_rows_by_length(lengths, 2)) == expected
+    assert group_rows_by_length([7, 7, 7, 7], 4) == [[0, 1, 2, 3]]  # equal lengths: nothing to save
+    assert [sorted(g) for g in group_rows_by_length([5, 90, 88, 6], 2)] == [[1, 2], [0, 3]]
     # free forwards, enough groups: no padding at all
     lengths = [3, 9, 3, 5, 9, 5]
-    assert all(len({lengths[i] for i in g}) == 1 for g in length_groups(lengths, 6, forward_cost=0.0))
+    assert all(len({lengths[i] for i in g}) == 1 for g in group_rows_by_length(lengths, 6, forward_cost=0.0))
     with pytest.raises(ValueError, match="max_groups"):
-        length_groups(lengths, 0)
+        group_rows_by_length(lengths, 0)
 
 
 def test_right_padded_lengths() -> None:
@@ -122,7 +122,8 @@ def test_scores_match_per_row_loop_on_every_path(batches: list[dict[str, Any]]) 
     pairs = stack_pairs(batches[0], module.tokenizer.pad_token_id, keys=("input_ids", "attention_mask"))
     ids, mask = pairs["input_ids"], pairs["attention_mask"]
     lengths = mask.sum(-1).tolist()
-    assert len(length_groups(lengths, 2)) == 2, "the batch should be ragged enough to be split"
+    assert len(group_rows_by_length(lengths, 2)) == 2, "the batch should be ragged enough to be split"
+    assert is_causal_model(module.model)  # so score takes the grouped, unmasked path
     with torch.no_grad():
         expected = loop_scores(module.model, ids, mask)
         for k in (1, 2, 3):
