@@ -346,14 +346,16 @@ def _reuse_stamp(directory: str) -> float | None:
 
 def markdown(summary: dict[str, Any]) -> str:
     pool = summary["pool"]
-    head = ("| model | safety (unsafe refused) | over-refusal (safe refused) | balance | safety pairs | all pairs | steps | train s |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    # safety - over-refusal: how much more often unsafe prompts are refused than safe ones (0: no discrimination).
+    head = ("| model | safety (unsafe refused) | over-refusal (safe refused) | safety - over-refusal | balance | safety pairs | all pairs | steps | train s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name, ev in summary["models"].items():
         m, arm = ev["metrics"], summary["arms"].get(name)
         safety_pairs = sum(v for g, v in arm["groups"].items() if g != "general") if arm else "-"
         train = (f"{safety_pairs} | {arm['pairs']} | {arm['steps']} | {arm['seconds']:.0f}" if arm else "- | - | - | -")
-        rows.append(f"| {name} | {m['safety_rate']:.3f} | {m['over_refusal_rate']:.3f} | {m['balance']:.3f} | {train} |")
+        rows.append(f"| {name} | {m['safety_rate']:.3f} | {m['over_refusal_rate']:.3f} | {m['safety_rate'] - m['over_refusal_rate']:+.3f} "
+                    f"| {m['balance']:.3f} | {train} |")
     types = sorted({t for ev in summary["models"].values() for t in ev["refusal_rate_by_type"]})
     type_head = "| model | " + " | ".join(types) + " |\n|---|" + "---:|" * len(types)
     type_rows = [f"| {name} | " + " | ".join(f"{ev['refusal_rate_by_type'].get(t, {}).get('rate', math.nan):.2f}" for t in types) + " |"
