@@ -119,6 +119,11 @@ def bench_preference_lora(p: dict[str, Any], work: Path, model: str, say: Callab
     from benchmarks import preference as P
 
     setup = P.prepare(model, work / "lora", p["lora_batch"], p["lora_steps"], with_reward=False)
+    # Untimed first runs of both sides on this model: the process's first growth to its size (which
+    # glibc then keeps) would otherwise be charged to whichever side happens to run first.
+    say("  DPO LoRA: untimed warm-up of both sides")
+    P.run_ours_preference(setup, "dpo-lora", p["warmup"])
+    P.run_trl_dpo(setup, p["warmup"], precompute=False, lora=True)
     ours, peer = interleaved(p["reps"], lambda: P.run_ours_preference(setup, "dpo-lora", p["warmup"]),
                              lambda: P.run_trl_dpo(setup, p["warmup"], precompute=False, lora=True), say, "DPO LoRA")
     r = ratios(ours, peer)
