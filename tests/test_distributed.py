@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
@@ -44,3 +45,22 @@ def test_nccl_is_left_to_lightning(registered, monkeypatch):
     monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
     eqdist.destroy_process_group_at_exit()
     assert registered == []
+
+
+def test_every_training_stage_registers_the_clean_up_in_setup(registered):
+    from equilibrate_pl.modules import PreferenceModule, RewardModule, SFTModule
+    from equilibrate_pl.modules.policy import PolicyModule
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    for cls in (SFTModule, RewardModule, PreferenceModule):
+        eqdist._registered = False
+        cls.setup(object.__new__(cls), "fit")  # the hook alone: no model is built
+        assert registered.count(eqdist._destroy_default_group) == 1, cls.__name__
+        registered.clear()
+    # PolicyModule.setup also checks the strategy and precision: a stand-in trainer with those.
+    policy = object.__new__(PolicyModule)
+    object.__setattr__(policy, "_trainer", SimpleNamespace(strategy=object(), world_size=1, precision="32-true"))
+    object.__setattr__(policy, "_fabric", None)
+    eqdist._registered = False
+    PolicyModule.setup(policy, "fit")
+    assert registered.count(eqdist._destroy_default_group) == 1

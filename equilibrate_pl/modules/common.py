@@ -25,6 +25,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from equilibrate_pl.distributed import destroy_process_group_at_exit
 from equilibrate_pl.models.loading import LoraSettings, QuantSettings
 
 log = logging.getLogger(__name__)
@@ -588,6 +589,9 @@ class SingleModelHooks:
     tokenizer: Any
     optim: OptimSettings
     guard: NonFiniteGuard
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_adamw(self, self.model, self.optim)  # type: ignore[arg-type]
