@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from equilibrate_pl.algorithms.logprobs import first_scored_position, tail_token_logprobs, token_logprobs
 from equilibrate_pl.modules.common import ModelSettings
 from equilibrate_pl.modules.preference import AMASettings, PreferenceModule, _forward_takes_logits_to_keep, accepts_logits_to_keep
+from tests.modules.test_preference import perturb
 
 BETA = 0.5
 TOL = dict(rtol=0.0, atol=1e-6)
@@ -73,15 +74,6 @@ def stacked(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
         parts = [F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]), value=fill) for side in ("chosen", "rejected")]
         out.append(torch.cat(parts))
     return out[0], out[1], out[2]
-
-
-def perturb(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
-    """Move the trainable weights away from the reference so log-ratios are not all zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def head_widths(model: torch.nn.Module) -> tuple[list[int], Any]:
