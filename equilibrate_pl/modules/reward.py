@@ -150,7 +150,8 @@ class RewardModule(SingleModelHooks, LightningModule):
             forwards of rows of similar length, each cut to its longest row (less padding, same
             scores); a split is made only when it saves more than 10% of the batch's padded
             positions per extra forward. 1 = a single forward. On a GPU with few, short rows, where
-            a forward costs its weight reads rather than its tokens, 1 is usually faster.
+            a forward costs its weight reads rather than its tokens, 1 is usually faster. With
+            more than one process it is always 1 (every rank must run the same forwards under FSDP).
 
     Training-step diagnostics (score means, margin, per-group accuracy) are logged on the steps
     Lightning writes to its loggers (``log_every_n_steps``), at the end of an epoch and of training
@@ -206,7 +207,11 @@ class RewardModule(SingleModelHooks, LightningModule):
         lengths = right_padded_lengths(attention_mask) if self._causal else None
         if lengths is None:
             return last_token_scores(self.position_scores(input_ids, attention_mask), attention_mask)
-        groups = group_rows_by_length(lengths, self.length_groups)
+        # Sharded strategies (FSDP) all-gather in every forward: each rank must run the same
+        # number of forwards, and a data-dependent split would leave ranks waiting on each other.
+        dist = torch.distributed
+        multi_process = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        groups = group_rows_by_length(lengths, 1 if multi_process else self.length_groups)
         return right_padded_scores(self.model, input_ids, lengths, groups)
 
     @torch.no_grad()

@@ -272,3 +272,21 @@ def test_step_is_logged_without_a_trainer() -> None:
     module = RewardModule.__new__(RewardModule)
     L.LightningModule.__init__(module)
     assert step_is_logged(module)
+
+
+def test_several_processes_always_run_one_forward(batches: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FSDP every forward all-gathers: a data-dependent number of forwards per rank would hang."""
+    module = fresh_module()
+    pairs = stack_pairs(batches[0], module.tokenizer.pad_token_id, keys=("input_ids", "attention_mask"))
+    ids, mask = pairs["input_ids"], pairs["attention_mask"]
+    forwards: list[int] = []
+    handle = module.model.register_forward_hook(lambda *_: forwards.append(1))
+    with torch.no_grad():
+        alone = module.score(ids, mask)
+        assert len(forwards) == 2  # one process: the ragged batch is split
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+        forwards.clear()
+        torch.testing.assert_close(module.score(ids, mask), alone, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert len(forwards) == 1
