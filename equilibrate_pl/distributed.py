@@ -19,6 +19,12 @@ import torch
 _registered = False
 
 
+def is_multi_process() -> bool:
+    """Whether a default process group with more than one rank exists."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _destroy_default_group() -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():

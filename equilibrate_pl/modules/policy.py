@@ -52,7 +52,7 @@ from equilibrate_pl.algorithms.ppo import (
 )
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.data.schema import GROUP_NAMES
-from equilibrate_pl.distributed import destroy_process_group_at_exit
+from equilibrate_pl.distributed import destroy_process_group_at_exit, is_multi_process
 from equilibrate_pl.modules.common import (
     ModelSettings,
     NonFiniteGuard,
@@ -193,19 +193,15 @@ AdvantageEstimator = Literal["gae", "grpo", "rloo"]
 # --------------------------------------------------------------------------------------------
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().clone().float()
-    if _distributed():
+    if is_multi_process():
         dist.all_reduce(t)
     return t
 
 
 def _world_size() -> int:
-    return dist.get_world_size() if _distributed() else 1
+    return dist.get_world_size() if is_multi_process() else 1
 
 
 def _global_masked_stats(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,7 +508,7 @@ class PolicyModule(LightningModule):
         pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         kwargs: dict[str, Any] = dict(
             max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, pad_token_id=pad_id, eos_token_id=eos_id,
-            use_cache=True, synced_gpus=_distributed(),
+            use_cache=True, synced_gpus=is_multi_process(),
         )
         if g.do_sample:
             kwargs.update(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
@@ -869,7 +865,7 @@ class PolicyModule(LightningModule):
     # ----------------------------------------------------------------------------- state
 
     def _init_rng(self) -> None:
-        rank = dist.get_rank() if _distributed() else 0
+        rank = dist.get_rank() if is_multi_process() else 0
         self.rollout_rng = RolloutRNG(self.seed + rank, self.device)
         if self._pending_rng_state is not None:
             self.rollout_rng.load_state_dict(self._pending_rng_state)
@@ -885,7 +881,7 @@ class PolicyModule(LightningModule):
         if self.rollout_rng is None:
             self._init_rng()
         state = self.rollout_rng.state_dict()
-        if _distributed():
+        if is_multi_process():
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, state)
         else:
@@ -902,7 +898,7 @@ class PolicyModule(LightningModule):
             return
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.nonfinite_guard.load_state_dict(state["nonfinite_guard"])
-        rank = dist.get_rank() if _distributed() else 0
+        rank = dist.get_rank() if is_multi_process() else 0
         states = state["rollout_rng"]
         if rank < len(states):
             self._pending_rng_state = states[rank]
@@ -912,7 +908,7 @@ class PolicyModule(LightningModule):
 
 
 def _global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if not _distributed():
+    if not is_multi_process():
         return explained_variance(values, returns, mask)
     _, var_t = _global_masked_stats(returns, mask)
     _, var_r = _global_masked_stats(returns - values, mask)

@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics.classification import BinaryAccuracy
 
 from equilibrate_pl.algorithms.rewards import bradley_terry_loss, dense_rewards
+from equilibrate_pl.distributed import is_multi_process
 from equilibrate_pl.modules.common import (
     SingleModelHooks,
     ModelSettings,
@@ -209,9 +210,7 @@ class RewardModule(SingleModelHooks, LightningModule):
             return last_token_scores(self.position_scores(input_ids, attention_mask), attention_mask)
         # Sharded strategies (FSDP) all-gather in every forward: each rank must run the same
         # number of forwards, and a data-dependent split would leave ranks waiting on each other.
-        dist = torch.distributed
-        multi_process = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        groups = group_rows_by_length(lengths, 1 if multi_process else self.length_groups)
+        groups = group_rows_by_length(lengths, 1 if is_multi_process() else self.length_groups)
         return right_padded_scores(self.model, input_ids, lengths, groups)
 
     @torch.no_grad()
