@@ -22,9 +22,7 @@ layout, zero over the prompt, so every per-token tensor above stays aligned as d
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import time
@@ -41,6 +39,7 @@ from equilibrate_pl.algorithms.ama import adpo_masks, kept_fraction
 from equilibrate_pl.algorithms.dpo import dpo_loss
 from equilibrate_pl.algorithms.logprobs import first_scored_position, sequence_logprobs, tail_token_logprobs, token_logprobs
 from equilibrate_pl.algorithms.rewards import dense_rewards
+from equilibrate_pl.distributed import is_multi_process
 from equilibrate_pl.modules.common import (
     SingleModelHooks,
     ModelSettings,
@@ -54,31 +53,21 @@ from equilibrate_pl.modules.common import (
     rank_max,
     save_plain_hyperparameters,
 )
-from equilibrate_pl.modules.reward import IGNORE_INDEX, stack_pairs
+from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, pack_pairs, right_padded_lengths
+from equilibrate_pl.modules.reward import IGNORE_INDEX, can_run_packed, forward_takes, packed_mask_for, stack_pairs
 
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_takes_logits_to_keep(cls: type) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):  # a builtin or C-implemented forward
-        return False
-
-
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model(..., logits_to_keep=K)`` returns only the last K positions' logits.
 
     True for transformers causal LMs that take the argument (Llama, Qwen2, Mistral, ... in
-    transformers 5). A PEFT model passes keyword arguments on to its base model, so its base model's
-    forward is the one checked. Checked once per class (``**kwargs`` alone does not count: a
-    forward could swallow the argument and return every position).
+    transformers 5); see :func:`~equilibrate_pl.modules.reward.forward_takes`.
     """
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    return _forward_takes_logits_to_keep(type(base))
+    return forward_takes(model, "logits_to_keep")
 
 
 @dataclass
@@ -128,6 +117,14 @@ class PreferenceModule(SingleModelHooks, LightningModule):
             not run in the training steps.
         cache_dir: where the cache lives (default ``<trainer.default_root_dir>/reference_cache``).
         max_nonfinite_steps: stop after this many non-finite losses in a row.
+        share_prompt: run each pair as one row, its common prefix (the prompt) computed once for
+            chosen and rejected (``algorithms.prefix_sharing``; same log-probs). Used where the model
+            takes a 4-D mask and position ids (sdpa or eager attention) and the rows are right
+            padded; otherwise, or with ``False``, chosen and rejected run as stacked rows.
+        length_groups: packed rows run in up to this many forwards of rows of similar length, each
+            cut to its longest row (a split is made only when it saves more than 10% of the padded
+            positions per extra forward); 1 = one forward. With more than one process it is always 1
+            (under FSDP every rank must run the same forwards).
     """
 
     def __init__(
@@ -143,6 +140,8 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         precompute_reference: bool = False,
         cache_dir: str | None = None,
         max_nonfinite_steps: int = 3,
+        share_prompt: bool = True,
+        length_groups: int = 2,
     ) -> None:
         super().__init__()
         self.model_settings: ModelSettings = coerce_settings(ModelSettings, model) or ModelSettings()
@@ -168,7 +167,11 @@ class PreferenceModule(SingleModelHooks, LightningModule):
             self, model=self.model_settings, optim=self.optim, beta=beta, label_smoothing=label_smoothing, nll_weight=nll_weight,
             ama=self.ama, reference=reference, reward_model=reward_model,
             precompute_reference=precompute_reference, cache_dir=cache_dir, max_nonfinite_steps=max_nonfinite_steps,
+            share_prompt=share_prompt, length_groups=length_groups,
         )
+        if length_groups < 1:
+            raise ValueError(f"length_groups must be >= 1, got {length_groups}")
+        self.share_prompt, self.length_groups = share_prompt, length_groups
 
         self.model, self.tokenizer = build_causal_lm(self.model_settings)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
@@ -225,16 +228,46 @@ class PreferenceModule(SingleModelHooks, LightningModule):
     def forward_token_logprobs(self, model: torch.nn.Module, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B, L-1) log-probs of the response tokens under ``model`` (entry t: token t+1).
 
-        Runs the LM head only from the first position any row scores (``logits_to_keep``) when the
-        model accepts it, else over every position; the result is the same either way.
+        Each pair runs as one packed row when :meth:`pack` allows (``share_prompt``), else chosen
+        and rejected as stacked rows. Either way the LM head runs only from the first position any
+        row scores (``logits_to_keep``) when the model accepts it; the result is the same.
         """
         labels = pairs["labels"]
+        packed = self.pack(model, pairs)
+        if packed is None:
+            return self._token_logprobs(model, labels, input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"])
+        packed_labels = packed.labels(labels)
+        width = packed_labels.shape[1]
+        logps = torch.zeros(packed_labels.shape[0], width - 1, device=labels.device)
+        # Packed rows differ in length: up to ``length_groups`` forwards, each cut to its longest row.
+        for index, cut in packed.row_groups(1 if is_multi_process() else self.length_groups):
+            inputs = packed.inputs(index, cut)
+            inputs["attention_mask"] = packed_mask_for(model, inputs["attention_mask"])
+            part = self._token_logprobs(model, packed_labels[index, :cut], **inputs)
+            logps = logps.index_put((index,), torch.nn.functional.pad(part.to(logps.dtype), (0, width - cut)))
+        return packed.unpack_token_logprobs(logps, labels)
+
+    def pack(self, model: torch.nn.Module, pairs: dict[str, torch.Tensor]) -> PackedPairs | None:
+        """The stacked pairs packed one pair per row (``algorithms.prefix_sharing``), or ``None``
+        when ``share_prompt`` is off, ``model`` cannot take the packed mask, or rows are not right
+        padded."""
+        if not self.share_prompt or not can_run_packed(model):
+            return None
+        lengths = right_padded_lengths(pairs["attention_mask"])
+        if lengths is None:
+            return None
+        ids, half = pairs["input_ids"], pairs["input_ids"].shape[0] // 2
+        n = torch.tensor(lengths, device=ids.device)
+        packed = pack_pairs(ids[:half], n[:half], ids[half:], n[half:], self.tokenizer.pad_token_id, width=ids.shape[1])
+        return packed if can_run_packed(model, packed.input_ids.shape[1]) else None
+
+    @staticmethod
+    def _token_logprobs(model: torch.nn.Module, labels: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         mask = labels != IGNORE_INDEX
-        kwargs: dict[str, Any] = dict(input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"], use_cache=False)
         if not accepts_logits_to_keep(model):
-            return token_logprobs(model(**kwargs).logits, labels, mask)
+            return token_logprobs(model(**inputs, use_cache=False).logits, labels, mask)
         keep = labels.shape[1] - first_scored_position(mask)
-        return tail_token_logprobs(model(**kwargs, logits_to_keep=keep).logits, labels, mask)
+        return tail_token_logprobs(model(**inputs, use_cache=False, logits_to_keep=keep).logits, labels, mask)
 
     def policy_token_logprobs(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B, L-1) policy log-probs of the response tokens (entry t: token t+1)."""

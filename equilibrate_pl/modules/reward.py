@@ -10,6 +10,8 @@ longest row, with no attention mask (:func:`group_rows_by_length`, :func:`right_
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Sequence
 
 import torch
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.classification import BinaryAccuracy
 
+from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, additive_mask, group_rows_by_length, pack_pairs, right_padded_lengths
 from equilibrate_pl.algorithms.rewards import bradley_terry_loss, dense_rewards
 from equilibrate_pl.distributed import is_multi_process
 from equilibrate_pl.modules.common import (
@@ -54,57 +57,6 @@ def stack_pairs(
     return out
 
 
-def right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
-    """Each row's number of real tokens if every row is right-padded (its real tokens are a prefix
-    of the row), else ``None``. One host transfer.
-
-    Raises:
-        ValueError: a row has no real token (nothing to score).
-    """
-    mask = attention_mask.bool()
-    lengths = mask.sum(-1)
-    no_real_after_pad = (mask[:, 1:] <= mask[:, :-1]).all() if mask.shape[1] > 1 else mask.new_ones(())
-    values = torch.cat([lengths, no_real_after_pad.view(1).to(lengths.dtype)]).tolist()
-    lengths_list, right_padded = values[:-1], bool(values[-1])
-    if 0 in lengths_list:
-        rows = [i for i, n in enumerate(lengths_list) if n == 0]
-        raise ValueError(f"rows {rows} have no real token (attention_mask all zero); nothing to score")
-    return lengths_list if right_padded else None
-
-
-def group_rows_by_length(lengths: Sequence[int], max_groups: int, forward_cost: float = 0.1) -> list[list[int]]:
-    """Row indices split into at most ``max_groups`` groups of similar length, longest rows first.
-
-    Each group is run as its own forward cut to its longest row, so it costs ``rows x longest``
-    padded positions. Starting from one group of the rows sorted by length, the split that removes
-    the most positions is made, again and again, while it removes more than ``forward_cost`` times
-    the unsplit batch's positions (the fixed cost of one more forward and backward: kernel launches,
-    Python): rows of equal length stay one group. O(max_groups x rows) on the host.
-    """
-    if max_groups < 1:
-        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    if not order:
-        return []
-    longest = [lengths[i] for i in order]
-    threshold = forward_cost * len(order) * longest[0]
-
-    def best_split(lo: int, hi: int) -> tuple[float, int]:
-        # Rows lo..hi-1 (sorted, longest first) as one group cost (hi - lo) * longest[lo];
-        # split at s they cost (s - lo) * longest[lo] + (hi - s) * longest[s].
-        return max(((hi - s) * (longest[lo] - longest[s]), s) for s in range(lo + 1, hi)) if hi - lo > 1 else (0, lo)
-
-    bounds = [(0, len(order))]
-    while len(bounds) < max_groups:
-        candidates = [(*best_split(lo, hi), k) for k, (lo, hi) in enumerate(bounds)]
-        saving, at, k = max(candidates)
-        if saving <= threshold:
-            break
-        lo, hi = bounds[k]
-        bounds[k : k + 1] = [(lo, at), (at, hi)]
-    return [order[lo:hi] for lo, hi in bounds]
-
-
 def right_padded_scores(
     model: torch.nn.Module, input_ids: torch.Tensor, lengths: Sequence[int], groups: Sequence[Sequence[int]]
 ) -> torch.Tensor:
@@ -138,6 +90,47 @@ def is_causal_model(model: torch.nn.Module) -> bool:
     return bool(flags) and all(flags)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):  # a builtin or C-implemented forward
+        return frozenset()
+
+
+def forward_takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward declares the keyword ``name`` (``**kwargs`` alone does not count:
+    a forward could swallow the argument). A PEFT model passes keyword arguments on to its base
+    model, so the base model's forward is the one checked. Read once per class."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return name in _forward_parameters(type(base))
+
+
+def can_run_packed(model: torch.nn.Module, width: int = 0) -> bool:
+    """Whether ``model`` runs packed pairs (``algorithms.prefix_sharing``) of ``width`` positions exactly.
+
+    transformers passes a 4-D mask through unchanged to its sdpa and eager attention; flash and flex
+    attention take none, a model that is not causal would let the prefix see its branches, a forward
+    without ``position_ids`` cannot restart the rejected branch's positions, and a sliding window
+    shorter than the packed row would be lost under a custom mask.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if not is_causal_model(model) or not forward_takes(model, "position_ids"):
+        return False
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return not (isinstance(window, int) and window < width)
+
+
+def packed_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The boolean 4-D mask of packed pairs as ``model``'s attention takes it: as is for sdpa, as an
+    additive float mask for eager attention."""
+    if model.config._attn_implementation == "sdpa":
+        return mask
+    return additive_mask(mask, next(model.parameters()).dtype)
+
+
 class RewardModule(SingleModelHooks, LightningModule):
     """Bradley-Terry reward model on preference batches.
 
@@ -153,13 +146,18 @@ class RewardModule(SingleModelHooks, LightningModule):
             positions per extra forward. 1 = a single forward. On a GPU with few, short rows, where
             a forward costs its weight reads rather than its tokens, 1 is usually faster. With
             more than one process it is always 1 (every rank must run the same forwards under FSDP).
+        share_prompt: score each pair as one packed row, its common prefix (the prompt) computed once
+            for chosen and rejected (``algorithms.prefix_sharing``; same scores), where the model takes
+            a 4-D mask and position ids (sdpa or eager attention) and rows are right padded;
+            otherwise, or with ``False``, :meth:`score` runs chosen and rejected rows.
 
     Training-step diagnostics (score means, margin, per-group accuracy) are logged on the steps
     Lightning writes to its loggers (``log_every_n_steps``), at the end of an epoch and of training
     (:func:`~equilibrate_pl.modules.common.step_is_logged`); loss and accuracy also every step while a
     progress bar shows them. Validation logs every batch (exact epoch means).
 
-    Override :meth:`compute_loss` to change the objective, :meth:`score` to change the scoring.
+    Override :meth:`compute_loss` to change the objective, :meth:`pair_scores` (pairs) or :meth:`score`
+    (single sequences) to change the scoring.
     """
 
     def __init__(
@@ -169,6 +167,7 @@ class RewardModule(SingleModelHooks, LightningModule):
         margin: float = 0.0,
         max_nonfinite_steps: int = 3,
         length_groups: int = 2,
+        share_prompt: bool = True,
     ) -> None:
         super().__init__()
         if length_groups < 1:
@@ -179,8 +178,9 @@ class RewardModule(SingleModelHooks, LightningModule):
         self.length_groups = length_groups
         save_plain_hyperparameters(
             self, model=self.model_settings, optim=self.optim, margin=margin, max_nonfinite_steps=max_nonfinite_steps,
-            length_groups=length_groups,
+            length_groups=length_groups, share_prompt=share_prompt,
         )
+        self.share_prompt = share_prompt
         self.model, self.tokenizer = build_scalar_model(self.model_settings)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         self.guard = NonFiniteGuard(max_nonfinite_steps)
@@ -225,11 +225,58 @@ class RewardModule(SingleModelHooks, LightningModule):
 
     # -- the objective ---------------------------------------------------------------------
 
+    def pack(self, batch: dict[str, Any]) -> PackedPairs | None:
+        """The batch's pairs packed one per row (``algorithms.prefix_sharing``), or ``None`` when
+        ``share_prompt`` is off, the model cannot take the packed mask, or rows are not right padded."""
+        if not self.share_prompt or not can_run_packed(self.model):
+            return None
+        lengths = [right_padded_lengths(batch[f"{side}_attention_mask"]) for side in ("chosen", "rejected")]
+        if lengths[0] is None or lengths[1] is None:
+            return None
+        device = batch["chosen_input_ids"].device
+        packed = pack_pairs(batch["chosen_input_ids"], torch.tensor(lengths[0], device=device),
+                            batch["rejected_input_ids"], torch.tensor(lengths[1], device=device), self.tokenizer.pad_token_id)
+        return packed if can_run_packed(self.model, packed.input_ids.shape[1]) else None
+
+    def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen, rejected)`` (B,) float32 sequence scores: one packed forward (:meth:`pack`), or
+        :meth:`score` over the stacked rows."""
+        packed = self.pack(batch)
+        if packed is None:
+            pairs = stack_pairs(batch, self.tokenizer.pad_token_id, keys=("input_ids", "attention_mask"))
+            chosen, rejected = self.score(pairs["input_ids"], pairs["attention_mask"]).chunk(2)
+            return chosen, rejected
+        # Packed rows differ in length too: up to ``length_groups`` forwards, each cut to its longest row.
+        chosen = torch.empty(packed.input_ids.shape[0], device=packed.input_ids.device)
+        rejected = torch.empty_like(chosen)
+        for index, width in packed.row_groups(1 if is_multi_process() else self.length_groups):
+            inputs = packed.inputs(index, width)
+            inputs["attention_mask"] = packed_mask_for(self.model, inputs["attention_mask"])
+            logits = self.model(**inputs, use_cache=False).logits[..., 0]
+            at = torch.arange(index.shape[0], device=index.device)
+            chosen = chosen.index_put((index,), logits[at, packed.chosen_last[index]].float())
+            rejected = rejected.index_put((index,), logits[at, packed.rejected_last[index]].float())
+        return chosen, rejected
+        # Packed rows differ in length too: up to ``length_groups`` forwards, each cut to its longest row.
+        ends = (packed.rejected_last + 1).tolist()
+        groups = group_rows_by_length(ends, 1 if is_multi_process() else self.length_groups)
+        device = packed.input_ids.device
+        chosen = torch.empty(len(ends), device=device)
+        rejected = torch.empty(len(ends), device=device)
+        for rows in groups:
+            index, width = torch.tensor(rows, device=device), max(ends[i] for i in rows)
+            logits = self.model(
+                input_ids=packed.input_ids[index, :width], position_ids=packed.position_ids[index, :width],
+                attention_mask=packed_mask_for(self.model, packed.attention_mask[index, :, :width, :width]), use_cache=False,
+            ).logits[..., 0]
+            at = torch.arange(len(rows), device=device)
+            chosen = chosen.index_put((index,), logits[at, packed.chosen_last[index]].float())
+            rejected = rejected.index_put((index,), logits[at, packed.rejected_last[index]].float())
+        return chosen, rejected
+
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(mean loss, stats)`` with per-pair ``chosen``/``rejected`` scores in ``stats``."""
-        pairs = stack_pairs(batch, self.tokenizer.pad_token_id, keys=("input_ids", "attention_mask"))
-        scores = self.score(pairs["input_ids"], pairs["attention_mask"])
-        chosen, rejected = scores.chunk(2)
+        chosen, rejected = self.pair_scores(batch)
         margin = batch.get("margin", self.margin)
         if isinstance(margin, torch.Tensor):
             margin = margin.to(chosen)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from equilibrate_pl.algorithms.logprobs import first_scored_position, tail_token_logprobs, token_logprobs
 from equilibrate_pl.modules.common import ModelSettings
-from equilibrate_pl.modules.preference import AMASettings, PreferenceModule, _forward_takes_logits_to_keep, accepts_logits_to_keep
+from equilibrate_pl.modules.preference import AMASettings, PreferenceModule, accepts_logits_to_keep
+from equilibrate_pl.modules.reward import _forward_parameters
 from tests.modules.test_preference import perturb
 
 BETA = 0.5
@@ -137,7 +138,10 @@ def test_gradient_matches_autograd_log_softmax() -> None:
 
 @pytest.mark.parametrize("ama", [None, "implicit"], ids=["dpo", "adpo-implicit"])
 def test_sliced_step_equals_full_forward_with_a_frozen_copy(ama: str | None) -> None:
-    module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=ama is not None, token_signal=ama or "implicit"))
+    # The stacked path (chosen and rejected as separate rows); tests/modules/test_prefix_sharing.py
+    # checks the packed one against the same full forward.
+    module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=ama is not None, token_signal=ama or "implicit"),
+                              share_prompt=False)
     assert module.reference is not None and accepts_logits_to_keep(module.model)
     perturb(module.model)
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer))
@@ -172,7 +176,7 @@ def test_sliced_step_equals_full_forward_with_a_frozen_copy(ama: str | None) -> 
 
 def test_sliced_step_equals_full_forward_with_lora_and_the_adapter_disabled() -> None:
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
-                              ama=AMASettings(enabled=True, token_signal="implicit"))
+                              ama=AMASettings(enabled=True, token_signal="implicit"), share_prompt=False)
     assert module.reference is None and accepts_logits_to_keep(module.model)
     perturb(module.model)  # the adapter moves: the disabled reference must not see it
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=3)
@@ -229,21 +233,22 @@ def test_a_forward_without_logits_to_keep_gets_every_position() -> None:
     sliced_loss = module.compute_loss(batch)[0]
     module.model, module.reference = NoKeepArgument(module.model), NoKeepArgument(module.reference)
     assert not accepts_logits_to_keep(module.model)
-    _forward_takes_logits_to_keep.cache_clear()
+    _forward_parameters.cache_clear()
     widths, handle = head_widths(module.model.inner)
     loss = module.compute_loss(batch)[0]
     module.compute_loss(batch)
     handle.remove()
     assert widths == [ids.shape[1]] * 2  # full forwards
     # The signature is read once per class, not on every step.
-    assert _forward_takes_logits_to_keep.cache_info().misses == 1
+    assert _forward_parameters.cache_info().misses == 1
     torch.testing.assert_close(loss, sliced_loss, **TOL)
     torch.testing.assert_close(module.policy_token_logprobs(module.stack(batch)).double(),
                                full_forward_logps(module.model.inner, ids, attn, labels), **TOL)
 
 
 def test_left_padded_rows_keep_the_same_window() -> None:
-    """The window is found from the labels, whatever the padding side."""
+    """The window is found from the labels, whatever the padding side (left-padded rows are not
+    packed: ``share_prompt`` falls back to stacked rows)."""
     module = PreferenceModule(beta=BETA)
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=9)
     ids, attn, labels = stacked(batch, module.tokenizer.pad_token_id)
@@ -264,14 +269,17 @@ def test_reference_logits_are_freed_before_the_policy_forward() -> None:
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
                               ama=AMASettings(enabled=True, token_signal="implicit"))
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=11)
-    outputs: list[weakref.ref] = []
+    reference_outputs: list[weakref.ref] = []
     alive_at_call: list[bool] = []
 
     def hook(mod: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
-        alive_at_call.append(any(ref() is not None for ref in outputs))
-        outputs.append(weakref.ref(out))
+        alive_at_call.append(any(ref() is not None for ref in reference_outputs))
+        if not out.requires_grad:  # the reference runs without grad; the policy's logits stay for backward
+            reference_outputs.append(weakref.ref(out))
 
     handle = module.model.get_output_embeddings().register_forward_hook(hook)
     module.compute_loss(batch)
     handle.remove()
-    assert alive_at_call == [False, False]  # reference head, then policy head: the first logits were gone
+    # Reference head(s), then the policy head(s): no reference logits were alive at any later call.
+    assert reference_outputs and len(alive_at_call) > len(reference_outputs)
+    assert not any(alive_at_call)

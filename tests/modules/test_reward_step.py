@@ -141,11 +141,23 @@ def test_scores_match_per_row_loop_on_every_path(batches: list[dict[str, Any]]) 
         torch.testing.assert_close(module.score(left_ids, left_mask), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_loss_and_gradients_match_trl_formula_on_per_row_scores(batches: list[dict[str, Any]], groups: int) -> None:
-    module = fresh_module(length_groups=groups)
+@pytest.mark.parametrize(("groups", "share_prompt"), [(1, False), (2, False), (2, True)],
+                         ids=["stacked-1-group", "stacked-2-groups", "packed-pairs"])
+def test_loss_and_gradients_match_trl_formula_on_per_row_scores(batches: list[dict[str, Any]], groups: int, share_prompt: bool) -> None:
+    module = fresh_module(length_groups=groups, share_prompt=share_prompt)
     batch = batches[1]
+    packed = module.pack(batch)
+    assert (packed is not None) == share_prompt
+    if packed is not None:  # the built-in world's pairs share their prompt
+        assert bool((packed.shared >= 4).all())
+    rows: list[int] = []
+    handle = module.model.register_forward_hook(lambda mod, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                                with_kwargs=True)
     loss, stats = module.compute_loss(batch)
+    handle.remove()
+    n = batch["chosen_input_ids"].shape[0]
+    # One row per pair when packed, split into at most `groups` forwards of similar length.
+    assert sum(rows) == (n if share_prompt else 2 * n) and len(rows) <= groups
     loss.backward()
     got = {n: p.grad.clone() for n, p in module.model.named_parameters()}
     module.model.zero_grad(set_to_none=True)
@@ -155,6 +167,7 @@ def test_loss_and_gradients_match_trl_formula_on_per_row_scores(batches: list[di
     reference.backward()
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats["chosen"], c.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["rejected"], r.detach(), rtol=1e-5, atol=1e-5)
     for name, p in module.model.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -284,9 +297,15 @@ def test_several_processes_always_run_one_forward(batches: list[dict[str, Any]],
     with torch.no_grad():
         alone = module.score(ids, mask)
         assert len(forwards) == 2  # one process: the ragged batch is split
+        forwards.clear()
+        packed_alone = module.pair_scores(batches[0])
+        assert len(forwards) == 2  # and so are its packed pairs
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
         monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
         forwards.clear()
         torch.testing.assert_close(module.score(ids, mask), alone, rtol=1e-5, atol=1e-5)
+        assert len(forwards) == 1
+        forwards.clear()
+        torch.testing.assert_close(module.pair_scores(batches[0]), packed_alone, rtol=1e-5, atol=1e-5)
+        assert len(forwards) == 1
     handle.remove()
-    assert len(forwards) == 1
