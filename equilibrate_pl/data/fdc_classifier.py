@@ -72,6 +72,11 @@ class ClassifierHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def reset_parameters(self) -> None:
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+
 
 class FDCClassifierModule(L.LightningModule):
     """Cross-entropy training of ``head`` (and ``backbone`` when given, i.e. fine-tuning).
@@ -179,6 +184,8 @@ class ClassifierCategorizer(Categorizer):
         ``embeddings`` (from :meth:`embed`, same order) skips re-embedding in the frozen mode.
         ``class_weights="balanced"`` weights each class by ``N / (4 * count)`` against the
         imbalance (BeaverTails-FDC is half IHD); a class absent from the data gets weight 0.
+        An untrained head is re-initialised under ``seed``, so equal seeds give equal classifiers;
+        a trained (or loaded) one continues from its weights.
         """
         if records is not None:
             prompts, labels = [r["prompt"] for r in records], [r["group"] for r in records]
@@ -187,6 +194,10 @@ class ClassifierCategorizer(Categorizer):
         y = torch.tensor([LABELS.index(Group.parse(g).value) for g in labels])
         weights = self._class_weights(y, class_weights)
         L.seed_everything(seed, workers=True, verbose=False)
+        if not self.trained:
+            # The head was initialised in __init__ from whatever the global RNG held then (it
+            # depends on what the process did before): the same seed must give the same classifier.
+            self.head.reset_parameters()
         if finetune:
             enc = self._encode([prompt_text(p) for p in prompts])
             data = TensorDataset(enc["input_ids"], enc["attention_mask"], y)

@@ -65,6 +65,21 @@ def test_frozen_head_learns_and_roundtrips(tiny: tuple, tmp_path: Path) -> None:
     assert loaded.categorize([[{"role": "user", "content": prompts[0]}]]) == pred[:1]  # message lists too
 
 
+def test_same_seed_same_classifier_whatever_the_global_rng(tiny: tuple) -> None:
+    model, tok = tiny
+    prompts, labels = _data()
+    probs = []
+    for draws in (0, 1000):
+        torch.rand(draws)  # the process did something else before building the classifier
+        clf = ClassifierCategorizer(model, tok, hidden=32, max_length=32)
+        emb = clf.embed(prompts)
+        probs.append(clf.train(prompts=prompts, labels=labels, embeddings=emb, epochs=5, lr=2e-2, seed=3).predict_proba(prompts))
+    torch.testing.assert_close(probs[0], probs[1], rtol=0, atol=0)
+    other = ClassifierCategorizer(model, tok, hidden=32, max_length=32)
+    other.train(prompts=prompts, labels=labels, embeddings=emb, epochs=5, lr=2e-2, seed=4)
+    assert not torch.equal(other.predict_proba(prompts), probs[0])  # the seed matters
+
+
 def test_finetune_updates_backbone(tiny: tuple) -> None:
     from transformers import BertModel
 
