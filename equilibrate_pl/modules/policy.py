@@ -65,12 +65,14 @@ from equilibrate_pl.modules.common import (
 from equilibrate_pl.modules.rollout import (
     Rollout,
     RolloutRNG,
+    can_share_prompt_cache,
     disable_dropout,
     gathered_for_generation,
     is_sharded,
     position_ids_from_mask,
     response_mask,
     shard_module,
+    shared_prompt_forward,
 )
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,11 @@ class PPOSettings:
             a no-grad forward now and the same forward again in the update. The step is the same
             (dropout is off; the ratio is exactly 1 instead of 1 +- 1e-7), one actor forward
             cheaper; the price is holding the actor's activations while the reward model scores.
+        share_prompt_cache: with ``samples_per_prompt`` k > 1, the scoring forwards (actor,
+            reference, reward model, critic) run each prompt once and its k responses on its KV
+            cache (``rollout.shared_prompt_forward``): the same log-probs, values and scores, the
+            prompt's cost divided by k. Needs a model whose forward takes a cache and gradient
+            checkpointing off (otherwise, or with ``False``, every row runs whole).
     """
 
     ppo_epochs: int = 2
@@ -144,6 +151,7 @@ class PPOSettings:
     max_grad_norm: Optional[float] = 1.0
     reward_clip: Optional[float] = None
     reuse_rollout_forward: bool = True
+    share_prompt_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatch_size < 1:
@@ -460,16 +468,25 @@ class PolicyModule(LightningModule):
 
     def actor_forward(
         self, model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-        with_values: bool = False, with_entropy: bool = False,
+        with_values: bool = False, with_entropy: bool = False, group: int = 1,
     ) -> dict[str, torch.Tensor]:
-        """Log-probs of the response tokens (B, R), optionally entropy and shared-head values."""
+        """Log-probs of the response tokens (B, R), optionally entropy and shared-head values.
+
+        ``group`` > 1: rows come in blocks of ``group`` with the same prompt, which is run once
+        (:func:`~equilibrate_pl.modules.rollout.shared_prompt_forward`) when the model allows.
+        """
         width = sequences.shape[1] - prompt_length
-        out = model(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False, logits_to_keep=width + 1, output_hidden_states=with_values,
-        )
-        # logits[:, j] predicts sequences[:, P - 1 + j + 1]: the last width+1 positions cover the response.
-        logits = out.logits[:, -(width + 1):]
+        if group > 1 and can_share_prompt_cache(model):
+            logits, hidden = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
+                                                   prompt_positions=1, output_hidden_states=with_values)
+        else:
+            out = model(
+                input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, logits_to_keep=width + 1, output_hidden_states=with_values,
+            )
+            # logits[:, j] predicts sequences[:, P - 1 + j + 1]: the last width+1 positions cover the response.
+            logits = out.logits[:, -(width + 1):]
+            hidden = out.hidden_states[-1][:, prompt_length - 1:] if with_values else None
         resp_mask = attention_mask[:, prompt_length - 1:].bool().clone()
         resp_mask[:, 0] = False
         if self.generation.do_sample and self.generation.temperature != 1.0:
@@ -478,17 +495,37 @@ class PolicyModule(LightningModule):
         result = {"logprobs": token_logprobs(logits, sequences[:, prompt_length - 1:], resp_mask)}
         if with_entropy:
             result["entropy"] = entropy_from_logits(logits[:, :-1])
-        if with_values:
-            hidden = out.hidden_states[-1][:, prompt_length - 1:-1]
-            result["values"] = self.value_head(hidden).squeeze(-1).float()
+        if hidden is not None:
+            result["values"] = self.value_head(hidden[:, :-1]).squeeze(-1).float()
         return result
 
     @staticmethod
-    def scalar_forward(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) per-position scores of a scalar-head model (critic or reward)."""
+    def scalar_forward(
+        model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int = 0, group: int = 1,
+    ) -> torch.Tensor:
+        """(B, L) per-position scores of a scalar-head model (critic or reward); ``group`` and
+        ``prompt_length`` as in :meth:`actor_forward`."""
         from equilibrate_pl.models.scalar_head import position_scores
 
+        if group > 1 and prompt_length > 0 and can_share_prompt_cache(model):
+            logits, _ = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
+                                              prompt_positions=prompt_length)
+            return logits.squeeze(-1).float().masked_fill(attention_mask == 0, 0.0)
         return position_scores(model, sequences, attention_mask, position_ids_from_mask(attention_mask))
+
+    def prompt_group(self, rollout: Rollout, index: torch.Tensor) -> int:
+        """``samples_per_prompt`` when rows ``index`` are whole blocks of the same prompt (so the
+        scoring forwards can run each prompt once; ``PPOSettings.share_prompt_cache``), else 1."""
+        k = self.samples_per_prompt
+        n = index.shape[0]
+        if not self.ppo.share_prompt_cache or k < 2 or n % k:
+            return 1
+        blocks = index.view(-1, k)
+        if not bool(((blocks[:, 0] % k == 0) & (blocks == blocks[:, :1] + torch.arange(k, device=index.device)).all(1)).all()):
+            return 1
+        p = rollout.prompt_length
+        prompts = torch.stack([rollout.sequences[index, :p], rollout.attention_mask[index, :p]]).view(2, -1, k, p)
+        return k if bool((prompts == prompts[:, :, :1]).all()) else 1
 
     # ----------------------------------------------------------------------------- rollout phases
 
@@ -545,24 +582,26 @@ class PolicyModule(LightningModule):
         single = self.single_pass(seq.shape[0]) and torch.is_grad_enabled()
         for idx in chunks:
             s, a = seq[idx], attn[idx]
+            k = self.prompt_group(rollout, idx)
             # Reference first: with an adapter-disabled reference, the actor's graph below must not
             # see its own module run again (adapter off, FSDP2 hooks) between forward and backward.
             with torch.no_grad(), self._reference_context() as ref:
-                parts["ref"].append(self.actor_forward(ref, s, a, p)["logprobs"])
+                parts["ref"].append(self.actor_forward(ref, s, a, p, group=k)["logprobs"])
             if single:
                 with torch.enable_grad():
-                    rollout.update_forward = self.actor_forward(self.actor, s, a, p, with_values=shared, with_entropy=True)
+                    rollout.update_forward = self.actor_forward(self.actor, s, a, p, with_values=shared, with_entropy=True,
+                                                                group=k)
                 out = {key: value.detach() for key, value in rollout.update_forward.items()}
             else:
                 with torch.no_grad():
-                    out = self.actor_forward(self.actor, s, a, p, with_values=shared)
+                    out = self.actor_forward(self.actor, s, a, p, with_values=shared, group=k)
             parts["logprobs"].append(out["logprobs"])
             if shared:
                 parts["values"].append(out["values"])
             with torch.no_grad():
                 if self.uses_critic and not shared:
-                    parts["values"].append(self.scalar_forward(self.critic, s, a)[:, p - 1:-1])
-                parts["rm"].append(self.scalar_forward(self.reward_model, s, a))
+                    parts["values"].append(self.scalar_forward(self.critic, s, a, p, k)[:, p - 1:-1])
+                parts["rm"].append(self.scalar_forward(self.reward_model, s, a, p, k))
         mask = rollout.response_mask
         rollout.logprobs = torch.cat(parts["logprobs"]) * mask
         rollout.ref_logprobs = torch.cat(parts["ref"]) * mask

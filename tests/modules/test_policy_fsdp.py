@@ -29,7 +29,7 @@ GLOBAL_BATCH = 4
 CONFIG = REPO / "configs" / "ppo" / "tiny_fsdp_cpu.yaml"
 
 
-def _worker(out: str, world: int, ppo_epochs: int = 2) -> None:
+def _worker(out: str, world: int, ppo_epochs: int = 2, samples_per_prompt: int = 1) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
     import lightning as L
@@ -53,7 +53,10 @@ def _worker(out: str, world: int, ppo_epochs: int = 2) -> None:
     module = PolicyModule.from_models(
         actor, tok, reward, critic=critic,
         generation={"max_new_tokens": 6, "do_sample": False},
-        ppo={"minibatch_size": GLOBAL_BATCH // world, "ppo_epochs": ppo_epochs},
+        # One minibatch per epoch; with 2 samples per prompt each prompt runs once in the scoring
+        # forwards and its responses on its KV cache (ppo.share_prompt_cache).
+        samples_per_prompt=samples_per_prompt,
+        ppo={"minibatch_size": samples_per_prompt * GLOBAL_BATCH // world, "ppo_epochs": ppo_epochs},
         ama={"enabled": True, "token_signal": "value", "baseline": "batch_mean"},
         actor_optim={"lr": 1e-2, "scheduler": "constant"}, critic_optim={"lr": 1e-2, "scheduler": "constant"},
         log_refusals=False,
@@ -94,14 +97,14 @@ def _worker(out: str, world: int, ppo_epochs: int = 2) -> None:
         torch.save({"state": state, "sharded": False, "steps": trainer.global_step}, out)
 
 
-def _launch(world: int, out: Path, cache: Path, strategy: str | None = None, ppo_epochs: int = 2) -> None:
+def _launch(world: int, out: Path, cache: Path, strategy: str | None = None, ppo_epochs: int = 2, samples_per_prompt: int = 1) -> None:
     env = {**os.environ, "EQUILIBRATE_CACHE": str(cache), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("POLICY_STRATEGY", None)
     if strategy is not None:
         env["POLICY_STRATEGY"] = strategy
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           __file__, "--worker", str(out), str(world), str(ppo_epochs)]
+           __file__, "--worker", str(out), str(world), str(ppo_epochs), str(samples_per_prompt)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise AssertionError(f"{world}-process run failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -115,34 +118,38 @@ def one_process_state(equilibrate_cache: Path, tmp_path_factory: pytest.TempPath
     tiny_tokenizer()  # build the cache once, before several processes race for it
     runs: dict[int, dict[str, Any]] = {}
 
-    def get(ppo_epochs: int) -> dict[str, Any]:
-        if ppo_epochs not in runs:
+    def get(ppo_epochs: int, samples_per_prompt: int = 1) -> dict[str, Any]:
+        key = (ppo_epochs, samples_per_prompt)
+        if key not in runs:
             out = tmp_path_factory.mktemp("one") / "one.pt"
             threads = torch.get_num_threads()
             try:
-                _worker(str(out), 1, ppo_epochs)
+                _worker(str(out), 1, ppo_epochs, samples_per_prompt)
             finally:
                 torch.set_num_threads(threads)
-            runs[ppo_epochs] = torch.load(out, weights_only=True)
-        return runs[ppo_epochs]
+            runs[key] = torch.load(out, weights_only=True)
+        return runs[key]
 
     return get
 
 
 @pytest.mark.parametrize(
-    ("strategy", "ppo_epochs"),
+    ("strategy", "ppo_epochs", "samples_per_prompt"),
     [
-        (None, 2),
+        (None, 2, 1),
         # One epoch over one minibatch: the update reuses the scoring forward's graph, which
         # FSDP2 must re-gather for in the backward after the reward model has run in between.
-        (None, 1),
+        # Two samples per prompt: every sharded model runs a prompt forward, then the responses
+        # on its cache, and the actor's backward goes through both.
+        (None, 1, 2),
         # DDP is marked slow only to keep the default suite's time down (~30 s per 2-process run).
-        pytest.param("ddp_find_unused_parameters_true", 2, marks=pytest.mark.slow),
+        pytest.param("ddp_find_unused_parameters_true", 2, 1, marks=pytest.mark.slow),
     ],
-    ids=["fsdp2", "fsdp2-single-pass", "ddp"],
+    ids=["fsdp2", "fsdp2-single-pass-shared-prompt", "ddp"],
 )
 def test_two_processes_equal_one_process(
-    one_process_state: Any, equilibrate_cache: Path, tmp_path: Path, strategy: str | None, ppo_epochs: int
+    one_process_state: Any, equilibrate_cache: Path, tmp_path: Path, strategy: str | None, ppo_epochs: int,
+    samples_per_prompt: int,
 ) -> None:
     """Weights after 2 PPO iterations agree to float tolerance, measured relative to the update.
 
@@ -154,8 +161,8 @@ def test_two_processes_equal_one_process(
     all-reduce gives > 1e-1).
     """
     two = tmp_path / "two.pt"
-    _launch(2, two, equilibrate_cache, strategy, ppo_epochs)
-    a, b = one_process_state(ppo_epochs), torch.load(two, weights_only=True)
+    _launch(2, two, equilibrate_cache, strategy, ppo_epochs, samples_per_prompt)
+    a, b = one_process_state(ppo_epochs, samples_per_prompt), torch.load(two, weights_only=True)
     assert b["sharded"] == (strategy is None) and a["steps"] == b["steps"] == 2
     assert a["state"].keys() == b["state"].keys()
     from tests.modules.test_policy import tiny_tokenizer_and_models
@@ -172,5 +179,5 @@ def test_two_processes_equal_one_process(
     assert moved_total > 1.0  # the updates did something
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
-    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
