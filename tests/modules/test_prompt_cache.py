@@ -141,3 +141,42 @@ def test_grpo_step_is_the_same_with_the_prompt_run_once() -> None:
     assert shared.keys() == plain.keys()
     for name, grad in plain.items():
         assert torch.allclose(shared[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_policy_metrics_reach_the_loggers_on_the_steps_lightning_writes(tmp_path: Path) -> None:
+    """Every step's metrics are in ``last_metrics``; the loggers get them on Lightning's logging
+    steps (``log_every_n_steps`` and the last step), with the values of that step."""
+    import lightning as L
+
+    from tests.modules.test_reward_step import CaptureLogger
+
+    class PerStep(L.Callback):
+        def __init__(self) -> None:
+            self.metrics: list[tuple[int, dict[str, float]]] = []
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            self.metrics.append((trainer.global_step, dict(pl_module.last_metrics)))
+
+    tok, actor, rm, _ = tiny_tokenizer_and_models()
+    module = PolicyModule.from_models(actor, tok, rm, advantage="grpo", samples_per_prompt=2, seed=0,
+                                      generation={"max_new_tokens": 4, "do_sample": True},
+                                      ppo={"minibatch_size": 8, "ppo_epochs": 1})
+    logger, per_step = CaptureLogger(), PerStep()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=logger, log_every_n_steps=2,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path), callbacks=[per_step])
+    trainer.fit(module, loader([prompt_batch(tok, PROMPTS)] * 5))
+    assert [step for step, _ in per_step.metrics] == [1, 2, 3, 4, 5]
+    # Lightning writes after optimizer steps 2 and 4 (every 2; the row's step is the count before
+    # the step), exactly as when every step called self.log; the last step's values reach the
+    # callbacks' metrics.
+    assert [step for step, _ in logger.rows] == [1, 3]
+    last = per_step.metrics[-1][1]
+    assert float(trainer.callback_metrics["reward/mean"]) == pytest.approx(last["reward/mean"])
+    assert float(trainer.callback_metrics["time/step_s"]) == pytest.approx(last["time/step_s"])  # differs every step
+    by_step = dict(per_step.metrics)
+    for step, row in logger.rows:
+        expected = by_step[step + 1]
+        assert {k for k in row if k != "epoch"} == set(expected)
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, key)
