@@ -2,7 +2,9 @@
 
 The step, in order (each a small method a subclass can override):
 
-1. :meth:`policy_token_logprobs` — one forward over chosen and rejected stacked into one batch.
+1. :meth:`policy_token_logprobs` — one forward over the pairs, each pair packed into one row
+   ``[prompt | chosen | rejected]`` so its prompt is computed once (``share_prompt``,
+   ``algorithms.prefix_sharing``), or chosen and rejected stacked into one batch.
 2. :meth:`reference_token_logprobs` — the frozen reference (a copy, or the policy with its LoRA
    adapter disabled), from the on-disk cache when ``precompute_reference`` is on.
 3. :meth:`compute_token_signal` — r_t per response token: dense reward-model rewards, the implicit
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader
 from equilibrate_pl.algorithms.ama import adpo_masks, kept_fraction
 from equilibrate_pl.algorithms.dpo import dpo_loss
 from equilibrate_pl.algorithms.logprobs import first_scored_position, sequence_logprobs, tail_token_logprobs, token_logprobs
+from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, pack_pairs, right_padded_lengths
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.distributed import is_multi_process
 from equilibrate_pl.modules.common import (
@@ -53,7 +56,6 @@ from equilibrate_pl.modules.common import (
     rank_max,
     save_plain_hyperparameters,
 )
-from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, pack_pairs, right_padded_lengths
 from equilibrate_pl.modules.reward import IGNORE_INDEX, can_run_packed, forward_takes, packed_mask_for, stack_pairs
 
 log = logging.getLogger(__name__)

@@ -3,9 +3,12 @@
 One forward pass gives both the sequence score (at the last real token, PITFALLS #3) and, through
 differences of prefix scores, the dense per-token rewards that ADPO/APPO use as token signal.
 
-Training only needs the sequence scores. For a causal model and right-padded rows they do not depend
-on the padding, so the step scores rows of similar length together, each group cut to its own
-longest row, with no attention mask (:func:`group_rows_by_length`, :func:`right_padded_scores`).
+Training only needs the sequence scores. By default each pair is one packed row,
+``[prompt | chosen | rejected]``, so the prompt is computed once (``share_prompt``,
+``algorithms.prefix_sharing``). Otherwise, for a causal model and right-padded rows the scores do
+not depend on the padding, so the step scores rows of similar length together, each group cut to
+its own longest row, with no attention mask (:func:`group_rows_by_length`,
+:func:`right_padded_scores`).
 """
 
 from __future__ import annotations
