@@ -40,9 +40,8 @@ from torch.utils.data import DataLoader
 from equilibrate_pl.algorithms.ama import adpo_masks, kept_fraction
 from equilibrate_pl.algorithms.dpo import dpo_loss
 from equilibrate_pl.algorithms.logprobs import first_scored_position, sequence_logprobs, tail_token_logprobs, token_logprobs
-from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, pack_pairs, right_padded_lengths
+from equilibrate_pl.algorithms.prefix_sharing import PackedPairs
 from equilibrate_pl.algorithms.rewards import dense_rewards
-from equilibrate_pl.distributed import is_multi_process
 from equilibrate_pl.modules.common import (
     SingleModelHooks,
     ModelSettings,
@@ -56,7 +55,7 @@ from equilibrate_pl.modules.common import (
     rank_max,
     save_plain_hyperparameters,
 )
-from equilibrate_pl.modules.reward import IGNORE_INDEX, can_run_packed, forward_takes, packed_mask_for, stack_pairs
+from equilibrate_pl.modules.reward import IGNORE_INDEX, forward_takes, pack_for, packed_forward_inputs, stack_pairs
 
 log = logging.getLogger(__name__)
 
@@ -241,27 +240,19 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         packed_labels = packed.labels(labels)
         width = packed_labels.shape[1]
         logps = torch.zeros(packed_labels.shape[0], width - 1, device=labels.device)
-        # Packed rows differ in length: up to ``length_groups`` forwards, each cut to its longest row.
-        for index, cut in packed.row_groups(1 if is_multi_process() else self.length_groups):
-            inputs = packed.inputs(index, cut)
-            inputs["attention_mask"] = packed_mask_for(model, inputs["attention_mask"])
+        for index, cut, inputs in packed_forward_inputs(model, packed, self.length_groups):
             part = self._token_logprobs(model, packed_labels[index, :cut], **inputs)
             logps = logps.index_put((index,), torch.nn.functional.pad(part.to(logps.dtype), (0, width - cut)))
         return packed.unpack_token_logprobs(logps, labels)
 
     def pack(self, model: torch.nn.Module, pairs: dict[str, torch.Tensor]) -> PackedPairs | None:
-        """The stacked pairs packed one pair per row (``algorithms.prefix_sharing``), or ``None``
-        when ``share_prompt`` is off, ``model`` cannot take the packed mask, or rows are not right
-        padded."""
-        if not self.share_prompt or not can_run_packed(model):
+        """The stacked pairs packed one pair per row (``modules.reward.pack_for``), or ``None`` when
+        ``share_prompt`` is off, ``model`` cannot take the packed mask, or rows are not right padded."""
+        if not self.share_prompt:
             return None
-        lengths = right_padded_lengths(pairs["attention_mask"])
-        if lengths is None:
-            return None
-        ids, half = pairs["input_ids"], pairs["input_ids"].shape[0] // 2
-        n = torch.tensor(lengths, device=ids.device)
-        packed = pack_pairs(ids[:half], n[:half], ids[half:], n[half:], self.tokenizer.pad_token_id, width=ids.shape[1])
-        return packed if can_run_packed(model, packed.input_ids.shape[1]) else None
+        ids, mask = pairs["input_ids"], pairs["attention_mask"]
+        half = ids.shape[0] // 2
+        return pack_for(model, ids[:half], mask[:half], ids[half:], mask[half:], self.tokenizer.pad_token_id, width=ids.shape[1])
 
     @staticmethod
     def _token_logprobs(model: torch.nn.Module, labels: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,35 @@ def packed_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
     return additive_mask(mask, next(model.parameters()).dtype)
 
 
+def pack_for(
+    model: torch.nn.Module, chosen_ids: torch.Tensor, chosen_mask: torch.Tensor, rejected_ids: torch.Tensor,
+    rejected_mask: torch.Tensor, pad_token_id: int, width: int | None = None,
+) -> PackedPairs | None:
+    """The pairs packed one per row (``algorithms.prefix_sharing.pack_pairs``; ``width`` as there), or
+    ``None`` when ``model`` cannot run them (:func:`can_run_packed`) or a row is not right padded."""
+    if not can_run_packed(model):
+        return None
+    lengths = [right_padded_lengths(mask) for mask in (chosen_mask, rejected_mask)]
+    if lengths[0] is None or lengths[1] is None:
+        return None
+    device = chosen_ids.device
+    packed = pack_pairs(chosen_ids, torch.tensor(lengths[0], device=device), rejected_ids,
+                        torch.tensor(lengths[1], device=device), pad_token_id, width=width)
+    return packed if can_run_packed(model, packed.input_ids.shape[1]) else None
+
+
+def packed_forward_inputs(
+    model: torch.nn.Module, packed: PackedPairs, max_groups: int,
+) -> Iterator[tuple[torch.Tensor, int, dict[str, torch.Tensor]]]:
+    """``(rows, width, model inputs)`` of up to ``max_groups`` forwards over packed rows of similar
+    length, each cut to its longest row, the mask in ``model``'s form. One forward with several
+    processes: under FSDP every rank must run the same number of forwards."""
+    for index, width in packed.row_groups(1 if is_multi_process() else max_groups):
+        inputs = packed.inputs(index, width)
+        inputs["attention_mask"] = packed_mask_for(model, inputs["attention_mask"])
+        yield index, width, inputs
+
+
 class RewardModule(SingleModelHooks, LightningModule):
     """Bradley-Terry reward model on preference batches.
 
@@ -229,17 +258,12 @@ class RewardModule(SingleModelHooks, LightningModule):
     # -- the objective ---------------------------------------------------------------------
 
     def pack(self, batch: dict[str, Any]) -> PackedPairs | None:
-        """The batch's pairs packed one per row (``algorithms.prefix_sharing``), or ``None`` when
-        ``share_prompt`` is off, the model cannot take the packed mask, or rows are not right padded."""
-        if not self.share_prompt or not can_run_packed(self.model):
+        """The batch's pairs packed one per row (:func:`pack_for`), or ``None`` when ``share_prompt``
+        is off, the model cannot take the packed mask, or rows are not right padded."""
+        if not self.share_prompt:
             return None
-        lengths = [right_padded_lengths(batch[f"{side}_attention_mask"]) for side in ("chosen", "rejected")]
-        if lengths[0] is None or lengths[1] is None:
-            return None
-        device = batch["chosen_input_ids"].device
-        packed = pack_pairs(batch["chosen_input_ids"], torch.tensor(lengths[0], device=device),
-                            batch["rejected_input_ids"], torch.tensor(lengths[1], device=device), self.tokenizer.pad_token_id)
-        return packed if can_run_packed(self.model, packed.input_ids.shape[1]) else None
+        return pack_for(self.model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
+                        batch["rejected_input_ids"], batch["rejected_attention_mask"], self.tokenizer.pad_token_id)
 
     def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(chosen, rejected)`` (B,) float32 sequence scores: one packed forward (:meth:`pack`), or
@@ -249,30 +273,11 @@ class RewardModule(SingleModelHooks, LightningModule):
             pairs = stack_pairs(batch, self.tokenizer.pad_token_id, keys=("input_ids", "attention_mask"))
             chosen, rejected = self.score(pairs["input_ids"], pairs["attention_mask"]).chunk(2)
             return chosen, rejected
-        # Packed rows differ in length too: up to ``length_groups`` forwards, each cut to its longest row.
         chosen = torch.empty(packed.input_ids.shape[0], device=packed.input_ids.device)
         rejected = torch.empty_like(chosen)
-        for index, width in packed.row_groups(1 if is_multi_process() else self.length_groups):
-            inputs = packed.inputs(index, width)
-            inputs["attention_mask"] = packed_mask_for(self.model, inputs["attention_mask"])
+        for index, _, inputs in packed_forward_inputs(self.model, packed, self.length_groups):
             logits = self.model(**inputs, use_cache=False).logits[..., 0]
             at = torch.arange(index.shape[0], device=index.device)
-            chosen = chosen.index_put((index,), logits[at, packed.chosen_last[index]].float())
-            rejected = rejected.index_put((index,), logits[at, packed.rejected_last[index]].float())
-        return chosen, rejected
-        # Packed rows differ in length too: up to ``length_groups`` forwards, each cut to its longest row.
-        ends = (packed.rejected_last + 1).tolist()
-        groups = group_rows_by_length(ends, 1 if is_multi_process() else self.length_groups)
-        device = packed.input_ids.device
-        chosen = torch.empty(len(ends), device=device)
-        rejected = torch.empty(len(ends), device=device)
-        for rows in groups:
-            index, width = torch.tensor(rows, device=device), max(ends[i] for i in rows)
-            logits = self.model(
-                input_ids=packed.input_ids[index, :width], position_ids=packed.position_ids[index, :width],
-                attention_mask=packed_mask_for(self.model, packed.attention_mask[index, :, :width, :width]), use_cache=False,
-            ).logits[..., 0]
-            at = torch.arange(len(rows), device=device)
             chosen = chosen.index_put((index,), logits[at, packed.chosen_last[index]].float())
             rejected = rejected.index_put((index,), logits[at, packed.rejected_last[index]].float())
         return chosen, rejected
