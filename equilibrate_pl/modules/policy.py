@@ -518,15 +518,21 @@ class PolicyModule(LightningModule):
         """``samples_per_prompt`` when rows ``index`` are whole blocks of the same prompt (so the
         scoring forwards can run each prompt once; ``PPOSettings.share_prompt_cache``), else 1."""
         k = self.samples_per_prompt
-        n = index.shape[0]
-        if not self.ppo.share_prompt_cache or k < 2 or n % k:
+        if not self.ppo.share_prompt_cache or k < 2:
             return 1
-        blocks = index.view(-1, k)
-        if not bool(((blocks[:, 0] % k == 0) & (blocks == blocks[:, :1] + torch.arange(k, device=index.device)).all(1)).all()):
-            return 1
-        p = rollout.prompt_length
-        prompts = torch.stack([rollout.sequences[index, :p], rollout.attention_mask[index, :p]]).view(2, -1, k, p)
-        return k if bool((prompts == prompts[:, :, :1]).all()) else 1
+        ok = index.shape[0] % k == 0
+        if ok:
+            blocks = index.view(-1, k)
+            ok = bool(((blocks[:, 0] % k == 0) & (blocks == blocks[:, :1] + torch.arange(k, device=index.device)).all(1)).all())
+        if ok:
+            p = rollout.prompt_length
+            prompts = torch.stack([rollout.sequences[index, :p], rollout.attention_mask[index, :p]]).view(2, -1, k, p)
+            ok = bool((prompts == prompts[:, :, :1]).all())
+        if is_multi_process():
+            # The shared path runs two forwards per model: under FSDP (an all-gather in each) every
+            # rank must take the same path.
+            ok = int(_all_sum(torch.tensor(float(ok), device=self.device)).item()) == _world_size()
+        return k if ok else 1
 
     # ----------------------------------------------------------------------------- rollout phases
 

@@ -222,7 +222,10 @@ def cache_keyword(model: nn.Module) -> str | None:
 def can_share_prompt_cache(model: nn.Module) -> bool:
     """Whether :func:`shared_prompt_forward` can run ``model``: its forward takes a KV cache, and
     gradient checkpointing is off (transformers drops the cache in checkpointed layers)."""
-    return cache_keyword(model) is not None and not getattr(model, "is_gradient_checkpointing", False)
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    # transformers 5 renamed the flag; the old name still works but warns.
+    flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return cache_keyword(model) is not None and not getattr(base, flag, False)
 
 
 def shared_prompt_forward(

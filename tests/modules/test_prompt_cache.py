@@ -79,8 +79,13 @@ def test_shared_prompt_forward_validates() -> None:
     with pytest.raises(ValueError, match="prompt_positions"):
         shared_prompt_forward(actor, seq, attn, P, K, prompt_positions=P + 1)
     assert can_share_prompt_cache(actor)
+    from equilibrate_pl.models.loading import LoraSettings, prepare_for_training
+
+    lora = prepare_for_training(tiny_tokenizer_and_models()[1], lora=LoraSettings(r=4, alpha=8), quant=None,
+                                gradient_checkpointing=True, task_type="CAUSAL_LM")
+    assert not can_share_prompt_cache(lora)  # checkpointed layers drop the cache; seen through PEFT too
     actor.gradient_checkpointing_enable()
-    assert not can_share_prompt_cache(actor)  # checkpointed layers drop the cache
+    assert not can_share_prompt_cache(actor)
 
 
 def test_prompt_group_needs_whole_blocks_of_one_prompt() -> None:
