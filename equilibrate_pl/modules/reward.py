@@ -101,12 +101,16 @@ def _forward_parameters(cls: type) -> frozenset[str]:
         return frozenset()
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A PEFT model's base model (which receives its keyword arguments), else ``model`` itself."""
+    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
 def forward_takes(model: torch.nn.Module, name: str) -> bool:
     """Whether ``model``'s forward declares the keyword ``name`` (``**kwargs`` alone does not count:
-    a forward could swallow the argument). A PEFT model passes keyword arguments on to its base
-    model, so the base model's forward is the one checked. Read once per class."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    return name in _forward_parameters(type(base))
+    a forward could swallow the argument). For a PEFT model the base model's forward is the one
+    checked (:func:`base_model`). Read once per class."""
+    return name in _forward_parameters(type(base_model(model)))
 
 
 def can_run_packed(model: torch.nn.Module, width: int = 0) -> bool:

@@ -222,7 +222,9 @@ def cache_keyword(model: nn.Module) -> str | None:
 def can_share_prompt_cache(model: nn.Module) -> bool:
     """Whether :func:`shared_prompt_forward` can run ``model``: its forward takes a KV cache, and
     gradient checkpointing is off (transformers drops the cache in checkpointed layers)."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    from equilibrate_pl.modules.reward import base_model
+
+    base = base_model(model)
     # transformers 5 renamed the flag; the old name still works but warns.
     flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
     return cache_keyword(model) is not None and not getattr(base, flag, False)
