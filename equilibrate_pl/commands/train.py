@@ -138,7 +138,15 @@ class EquilibrateCLI(LightningCLI):
 
 
 def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    """The message that says what is wrong: jsonargparse reports a module's own ValueError as one of
+    the "Errors:" of a union ("module class or None"); that one is the user's."""
+    text = str(err).strip()
+    if "Errors:" in text:
+        reasons = [line.strip()[2:] for line in text.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")]
+        reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
+        if reasons:
+            return reasons[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 
 
