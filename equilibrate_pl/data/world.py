@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from equilibrate_pl.data.schema import GROUP_NAMES, SAFETY_GROUPS, Group
+from equilibrate_pl.fileio import atomic_write
 
 SOURCE = "builtin-world"
 SPLITS: tuple[str, ...] = ("train", "eval")
@@ -678,15 +677,9 @@ def noise_count(n_safety: int, fraction: float) -> int:
 
 
 def _write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
