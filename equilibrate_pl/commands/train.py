@@ -8,8 +8,11 @@
 Each stage pairs its LightningModule with ``SafetyDataModule`` (the batch kind set for the stage,
 the tokenizer linked to the model's ``name_or_path``). The model is given in subclass mode
 (``model.class_path``), so your own subclass of a stage module plugs in from the YAML. Every run
-writes checkpoints atomically (:class:`AtomicCheckpointIO`) and keeps the RNG streams in them
-(:class:`RNGStateCallback`); unknown keys in a config are rejected by jsonargparse with the key named.
+writes checkpoints atomically (:class:`AtomicCheckpointIO`), keeps the RNG streams in them
+(:class:`RNGStateCallback`), saves the final step in ``last.ckpt`` (:class:`FinalCheckpoint`) and
+warns about steps with a zero gradient (:class:`ZeroGradientWatch`); unknown keys in a config are
+rejected by jsonargparse with the key named. On ``--ckpt_path`` settings that run or choose code
+stay the config's. A configuration or data error ends in one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
