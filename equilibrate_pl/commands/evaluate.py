@@ -67,30 +67,31 @@ def _model_specs(values: list[str]) -> dict[str, str]:
 
 
 def check_model_path(path: str) -> None:
-    """Raise ``ValueError`` unless ``path`` can name a model: a built-in alias, a model or adapter
-    directory, or a hub id (offline: one in the local Hugging Face cache). No weights are loaded."""
+    """Raise ``ValueError`` (saying why, without the path) unless ``path`` can name a model: a built-in
+    alias, a model or adapter directory, or a hub id (offline: one in the local Hugging Face cache).
+    No weights are loaded."""
     from equilibrate_pl.models.loading import BUILTIN_SMOLLM2, BUILTIN_TINY
 
     if path.startswith("builtin:"):
         if path not in (BUILTIN_TINY, BUILTIN_SMOLLM2):
-            raise ValueError(f"unknown built-in model {path!r}; choose {BUILTIN_TINY!r} or {BUILTIN_SMOLLM2!r}")
+            raise ValueError(f"unknown built-in model; choose {BUILTIN_TINY!r} or {BUILTIN_SMOLLM2!r}")
         return
     local = Path(path).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise ValueError(f"{path}: a file, not a model directory")
+            raise ValueError("a file, not a model directory")
         if not any((local / name).is_file() for name in ("config.json", "adapter_config.json")):
-            raise ValueError(f"{path}: holds no config.json or adapter_config.json (not a saved model; `equilibrate export` "
+            raise ValueError("holds no config.json or adapter_config.json (not a saved model; `equilibrate export` "
                              "writes one from a checkpoint)")
         return
     # `owner/name` or `name` may be a hub id; `runs/sft/hf` (./runs exists) or `./x` is a mistyped path.
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or path.startswith(".") or Path(path.split("/")[0]).is_dir():
-        raise ValueError(f"{path}: no such model directory")
+        raise ValueError("no such model directory")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise ValueError(f"{path}: no such model directory, and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)")
+            raise ValueError("no such model directory, and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 check_model_path(path)
             except ValueError as err:
-                raise ValueError(f"--model {name}: {err}") from None
+                raise ValueError(f"--model {path if name == path else f'{name}={path}'}: {err}") from None
         if args.reward is not None:
-            check_model_path(args.reward)
+            try:
+                check_model_path(args.reward)
+            except ValueError as err:
+                raise ValueError(f"--reward {args.reward}: {err}") from None
         if Path(args.output).exists() and not Path(args.output).is_dir():
             raise ValueError(f"--output {args.output}: exists and is not a directory")
     except ValueError as err:
