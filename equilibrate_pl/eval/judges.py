@@ -442,11 +442,11 @@ def post_bytes(url: str, body: bytes, headers: dict[str, str], *, timeout: float
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = connection_class(parts.hostname or "", parts.port, timeout=timeout)
     expired = threading.Event()
+    sockets: list[socket.socket] = []  # kept here: http.client drops connection.sock when the reply owns it
 
     def expire() -> None:
         expired.set()
-        sock = connection.sock
-        if sock is not None:
+        for sock in sockets:
             try:  # wakes a blocked read (close() alone does not, on Linux)
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -455,7 +455,12 @@ def post_bytes(url: str, body: bytes, headers: dict[str, str], *, timeout: float
     timer = threading.Timer(timeout, expire)
     timer.daemon = True
     timer.start()
+    reply = None
     try:
+        connection.connect()  # bounded by the socket timeout (= the whole deadline)
+        sockets.append(connection.sock)
+        if expired.is_set():
+            raise TimeoutError(f"{url}: no complete reply within {timeout:g}s")
         path = parts.path or "/"
         connection.request("POST", path + (f"?{parts.query}" if parts.query else ""), body=body, headers=headers)
         reply = connection.getresponse()
@@ -479,6 +484,8 @@ def post_bytes(url: str, body: bytes, headers: dict[str, str], *, timeout: float
         raise
     finally:
         timer.cancel()
+        if reply is not None:
+            reply.close()
         connection.close()
 
 

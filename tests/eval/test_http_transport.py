@@ -20,12 +20,12 @@ ANSWER = json.dumps({"choices": [{"message": {"role": "assistant", "content": '{
 class Server:
     """A loopback HTTP server whose POST handler is ``handle(handler)``; records every request."""
 
-    def __init__(self, handle: Callable[[BaseHTTPRequestHandler], None]) -> None:
+    def __init__(self, handle: Callable[[BaseHTTPRequestHandler], None], protocol: str = "HTTP/1.1") -> None:
         self.seen: list[dict] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+            protocol_version = protocol
 
             def log_message(self, *args):
                 pass
@@ -134,8 +134,9 @@ def test_a_huge_chunked_reply_is_cut_off_too() -> None:
             judge._post([{"role": "user", "content": "x"}])
 
 
+@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"])  # 1.0: the reply, not the connection, owns the socket
 @pytest.mark.parametrize("where", ["body", "headers"])
-def test_a_dripping_server_cannot_hold_a_request_past_its_deadline(where: str) -> None:
+def test_a_dripping_server_cannot_hold_a_request_past_its_deadline(where: str, protocol: str) -> None:
     def drip(h: BaseHTTPRequestHandler) -> None:
         if where == "headers":  # the status line itself, one byte at a time
             for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Slow: " + b"a" * 40:
@@ -151,7 +152,7 @@ def test_a_dripping_server_cannot_hold_a_request_past_its_deadline(where: str) -
             h.wfile.flush()
             time.sleep(0.3)
 
-    with Server(drip) as s:
+    with Server(drip, protocol) as s:
         judge = HTTPJudge(s.url, "m", retries=0, timeout=1.0)
         start = time.monotonic()
         with pytest.raises(TimeoutError, match="no complete reply within 1"):
