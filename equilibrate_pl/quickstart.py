@@ -271,6 +271,6 @@ def verdict(metrics: dict[str, dict[str, Any]]) -> str:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    from equilibrate_pl.fileio import atomic_write_text, dumps_json
+    from equilibrate_pl.files import atomic_write_json
 
-    atomic_write_text(path, dumps_json(payload, indent=2, default=str))
+    atomic_write_json(path, payload)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
 from equilibrate_pl.data.schema import GROUP_NAMES, REQUIRED_FIELDS, Group
-from equilibrate_pl.fileio import atomic_write, dumps_json
+from equilibrate_pl.files import atomic_write_jsonl
 
 __all__ = [
     "DataError",
@@ -621,11 +621,6 @@ def _make_record(
 
 
 def write_jsonl(records: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]], path: str | os.PathLike) -> int:
-    """Write records as JSONL atomically (``equilibrate_pl.fileio``); NaN / infinity become ``null``."""
-    n = 0
-    with atomic_write(path, "w", encoding="utf-8") as fh:
-        for rec in records:
-            # default=str: parquet / datasets rows may carry dates or decimals in meta
-            fh.write(dumps_json(rec, ensure_ascii=False, default=str) + "\n")
-            n += 1
-    return n
+    """Write records as JSONL atomically (``equilibrate_pl.files``); NaN / infinity become ``null``,
+    values JSON does not know (dates or decimals in a parquet row's meta) strings."""
+    return atomic_write_jsonl(path, records)

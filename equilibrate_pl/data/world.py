@@ -29,7 +29,6 @@ RNG is never touched.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import re
 from collections import Counter
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from equilibrate_pl.data.schema import GROUP_NAMES, SAFETY_GROUPS, Group
-from equilibrate_pl.fileio import atomic_write
+from equilibrate_pl.files import atomic_write_jsonl
 
 SOURCE = "builtin-world"
 SPLITS: tuple[str, ...] = ("train", "eval")
@@ -642,7 +641,8 @@ class World:
                 f"safety_pool_{split}": self.safety_pool(split),
             }
             for name, rows in tables.items():
-                written[name] = _write_jsonl_atomic(out / f"{name}.jsonl", rows)
+                atomic_write_jsonl(out / f"{name}.jsonl", rows)
+                written[name] = out / f"{name}.jsonl"
         return written
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -674,13 +674,6 @@ def noise_count(n_safety: int, fraction: float) -> int:
     if fraction <= 0:
         return 0
     return round(n_safety * fraction / (1.0 - fraction))
-
-
-def _write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    with atomic_write(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------------------------

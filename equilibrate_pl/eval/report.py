@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from equilibrate_pl.data.schema import GROUP_NAMES
-from equilibrate_pl.fileio import atomic_write, atomic_write_text, dumps_json, fsync_directory
+from equilibrate_pl.files import atomic_path, atomic_write_json, atomic_write_text, dumps_json, fsync_directory
 from equilibrate_pl.eval.judges import Judge, build_judge
 from equilibrate_pl.eval.metrics import OVERALL, BalanceScore, Helpfulness, OverRefusalRate, SafetyRate
 from equilibrate_pl.eval.refusal import RefusalDetector, RuleRefusalDetector
@@ -126,7 +126,7 @@ class EvalResult:
             "models": {n: {"metrics": r.metrics, "counts": r.counts, "judge_stats": r.judge_stats, "responses": r.responses}
                        for n, r in self.models.items()},
         }
-        paths["metrics"] = atomic_write_text(out / "metrics.json", dumps_json(metrics, indent=2) + "\n")
+        paths["metrics"] = atomic_write_json(out / "metrics.json", metrics)
         paths.update(_plots(self, out))
         paths["report"] = atomic_write_text(out / "report.md", self.markdown([str(p) for k, p in paths.items() if k.endswith("_png")]))
         return paths
@@ -137,8 +137,8 @@ def _row_line(model: str, row: Mapping[str, Any]) -> str:
 
 
 def _atomic_figure(fig: Any, path: Path) -> Path:
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     return path
 
 

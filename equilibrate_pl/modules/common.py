@@ -25,7 +25,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from equilibrate_pl.distributed import destroy_process_group_at_exit
-from equilibrate_pl.fileio import atomic_write, atomic_write_text, fsync_directory, remove_stale_temporaries, temporary_name
+from equilibrate_pl.files import atomic_torch_save, atomic_write_json, fsync_directory, remove_stale_temporaries, temporary_path
 from equilibrate_pl.models.loading import LoraSettings, QuantSettings
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A crash (or a killed job) mid-write leaves the previous checkpoint intact, never a truncated
     ``.ckpt`` that a resume would choke on; the killed save's temporary file is removed by the next
-    save of the same checkpoint (``equilibrate_pl.fileio``). Lightning's own
+    save of the same checkpoint (``equilibrate_pl.files``). Lightning's own
     ``_atomic_save`` uses an fsspec transaction, which renames but does not ``fsync``, so after a
     power loss the renamed file can be empty. Remote paths (``s3://`` ...) go to Lightning.
 
@@ -328,14 +328,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _is_local(path: Any) -> bool:
     protocol = get_filesystem(path).protocol
     return "file" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (temp file in the same directory, fsync, rename).
-
-    Temporaries left by a killed save of the same file are removed first (``fileio``)."""
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
 
 
 # Settings that run code or choose which code runs: they come from the user's command or config,
@@ -669,7 +661,6 @@ def export_hf(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLi
     (missing, empty, or an earlier export, marked by :data:`EXPORT_MARKER`, which holds ``info``).
     """
     import copy
-    import json
     import shutil
 
     from peft import PeftModel
@@ -684,19 +675,19 @@ def export_hf(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLi
         model = copy.deepcopy(model).merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    tmp = temporary_name(out)
+    tmp = temporary_path(out)
     tmp.mkdir()
     old: Path | None = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        marker = {"written_by": "equilibrate export", "format": 1, "merge_lora": merge_lora, **dict(info or {})}
-        atomic_write_text(tmp / EXPORT_MARKER, json.dumps(marker, indent=2, default=str) + "\n")
+        atomic_write_json(tmp / EXPORT_MARKER, {"written_by": "equilibrate export", "format": 1, "merge_lora": merge_lora,
+                                                **dict(info or {})})
         check_export_target(out)  # again: the directory may have changed while the model was written
         if out.exists() and any(out.iterdir()):
             # Our previous export: moved aside (a temporary name, cleaned like any other), then replaced.
-            old = temporary_name(out)
+            old = temporary_path(out)
             os.replace(out, old)
         try:
             os.replace(tmp, out)  # onto a missing or empty directory: one rename

@@ -50,3 +50,19 @@ def test_checkpoints_get_the_umask_permissions(tmp_path: Path) -> None:
     umask = os.umask(0o022)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_temporary_of_a_live_writer_is_left_alone(tmp_path: Path) -> None:
+    """Only dead writers' temporaries go: a process still writing the same target keeps its file."""
+    target = tmp_path / "last.ckpt"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".last.ckpt.{sleeper.pid}-0123abcd.tmp.ckpt"
+        live.write_bytes(b"half written")
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+        assert live.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    assert not live.exists()
