@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -273,6 +271,6 @@ def verdict(metrics: dict[str, dict[str, Any]]) -> str:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    from equilibrate_pl.files import atomic_write_json
+
+    atomic_write_json(path, payload)

@@ -88,10 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         records, summary = _load(args)
         categorizer = build_categorizer(args.method, **kwargs)
         labelled = categorizer.categorize_records(records)
+        n = write_jsonl(labelled, args.output)
     except (DataError, ValueError) as err:
         print(f"equilibrate categorize: {err}", file=sys.stderr)
         return 1
-    n = write_jsonl(labelled, args.output)
+    except OSError as err:  # the output path: a directory, no permission, ...
+        print(f"equilibrate categorize: --output {args.output}: {err.strerror or err}", file=sys.stderr)
+        return 1
     print(summary)
     print(f"method: {args.method}; wrote {n} rows to {args.output}")
     print(format_counts(Counter(r["group"] for r in labelled)))
@@ -112,7 +115,7 @@ def synthesize_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         records, summary = _load(args)
-    except DataError as err:
+    except (DataError, ValueError) as err:
         print(f"equilibrate synthesize-mhd: {err}", file=sys.stderr)
         return 1
     ehd = [r for r in records if r.get("group") == Group.EHD.value]

@@ -6,14 +6,20 @@
         --judge-mode conversation --output runs/eval-xstest
 
 Writes `results.jsonl`, `metrics.json`, `report.md` and PNG plots to `--output` (see
-`equilibrate_pl.eval.report`); prints the metrics table.
+`equilibrate_pl.eval.report`); prints the metrics table. Every argument (each `--model`, the suite,
+the judge, `--output`) is checked before the first generation; each model's rows and metrics are
+on disk as soon as it finishes, and the same command run again after an interruption continues
+where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -30,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-mode", choices=("judge", "conversation"),
                    help="http judge: send the judge prompt (default) or the dialogue (Llama Guard)")
     p.add_argument("--judge-api-key-env", help="environment variable with the API key (http judge; default OPENAI_API_KEY)")
-    p.add_argument("--judge-timeout", type=float, help="seconds per request (http judge)")
+    p.add_argument("--judge-timeout", type=float, help="seconds for a whole request, reply included (http judge)")
     p.add_argument("--judge-retries", type=int, help="retries after a failed or malformed answer (http / llm judge)")
     p.add_argument("--judge-threshold", type=float, help="reward judge: safe iff score >= threshold (default 0)")
     p.add_argument("--reward", metavar="PATH", help="reward model scoring helpfulness on benign prompts")
@@ -60,6 +66,34 @@ def _model_specs(values: list[str]) -> dict[str, str]:
     return specs
 
 
+def check_model_path(path: str) -> None:
+    """Raise ``ValueError`` (saying why, without the path) unless ``path`` can name a model: a built-in
+    alias, a model or adapter directory, or a hub id (offline: one in the local Hugging Face cache).
+    No weights are loaded."""
+    from equilibrate_pl.models.loading import BUILTIN_SMOLLM2, BUILTIN_TINY
+
+    if path.startswith("builtin:"):
+        if path not in (BUILTIN_TINY, BUILTIN_SMOLLM2):
+            raise ValueError(f"unknown built-in model; choose {BUILTIN_TINY!r} or {BUILTIN_SMOLLM2!r}")
+        return
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ValueError("a file, not a model directory")
+        if not any((local / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError("holds no config.json or adapter_config.json (not a saved model; `equilibrate export` "
+                             "writes one from a checkpoint)")
+        return
+    # `owner/name` or `name` may be a hub id; `runs/sft/hf` (./runs exists) or `./x` is a mistyped path.
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or path.startswith(".") or Path(path.split("/")[0]).is_dir():
+        raise ValueError("no such model directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str):
+            raise ValueError("no such model directory, and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -67,12 +101,24 @@ def main(argv: list[str] | None = None) -> int:
         specs = _model_specs(args.model)
         if args.reference is not None and args.reference not in specs:
             raise ValueError(f"--reference {args.reference!r} is not one of the models {list(specs)}")
+        for name, path in specs.items():
+            try:
+                check_model_path(path)
+            except ValueError as err:
+                raise ValueError(f"--model {path if name == path else f'{name}={path}'}: {err}") from None
+        if args.reward is not None:
+            try:
+                check_model_path(args.reward)
+            except ValueError as err:
+                raise ValueError(f"--reward {args.reward}: {err}") from None
+        if Path(args.output).exists() and not Path(args.output).is_dir():
+            raise ValueError(f"--output {args.output}: exists and is not a directory")
     except ValueError as err:
         print(f"equilibrate eval: {err}", file=sys.stderr)
         return 2
 
     from equilibrate_pl.eval.judges import build_judge, load_reward_scorer
-    from equilibrate_pl.eval.report import evaluate_models
+    from equilibrate_pl.eval.report import OtherEvaluation, evaluate_models
     from equilibrate_pl.eval.suites import load_suite
     from equilibrate_pl.models import load_causal_lm
 
@@ -94,11 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     print(suite.describe())
     helpfulness_fn = load_reward_scorer(args.reward) if args.reward else None
     loaders = {name: (lambda path=path: load_causal_lm(path, dtype=args.dtype, padding_side="left")) for name, path in specs.items()}
-    result = evaluate_models(
-        loaders, suite, judge, helpfulness_fn=helpfulness_fn, reference=args.reference,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
-        progress=not args.no_progress,
-    )
+    run_info = {"models": specs, "reward": args.reward, "dtype": args.dtype, "limit": args.limit}
+    try:
+        result = evaluate_models(
+            loaders, suite, judge, helpfulness_fn=helpfulness_fn, reference=args.reference,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
+            progress=not args.no_progress, output_dir=args.output, run_info=run_info,
+        )
+    except OtherEvaluation as err:
+        print(f"equilibrate eval: {err}", file=sys.stderr)
+        return 2
     paths = result.write(args.output)
     print(result.table())
     print(f"judge failures {judge.failures}, fallbacks {judge.fallbacks}")

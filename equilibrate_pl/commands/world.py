@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from equilibrate_pl.data.world import DEFAULT_NOISE_FRACTION, MAX_NOISE_FRACTION, SIZES, build_world
 
@@ -27,14 +29,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.output is not None and Path(args.output).exists() and not Path(args.output).is_dir():
+        print(f"equilibrate world: --output {args.output}: exists and is not a directory (the world is several files)",
+              file=sys.stderr)
+        return 2
     try:
         world = build_world(seed=args.seed, size=args.size, noise_fraction=args.noise_fraction)
     except ValueError as err:
-        print(f"equilibrate world: {err}")
+        print(f"equilibrate world: {err}", file=sys.stderr)
         return 2
     print(world.describe())
     if args.output is not None:
-        written = world.to_files(args.output)
+        try:
+            written = world.to_files(args.output)
+        except OSError as err:
+            print(f"equilibrate world: --output {args.output}: {err.strerror or err}", file=sys.stderr)
+            return 2
         for name, path in written.items():
             n_rows = sum(1 for _ in path.open(encoding="utf-8"))
             print(f"wrote {n_rows:>6} rows  {path}")

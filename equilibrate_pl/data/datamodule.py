@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from equilibrate_pl.data import mixing
 from equilibrate_pl.data.collate import EncodedDataset, build_collator
-from equilibrate_pl.data.loaders import DataSource, load_records
+from equilibrate_pl.data.loaders import SIGNAL_FIELDS, DataError, DataSource, load_records
 from equilibrate_pl.data.sampler import ResumableDataLoader, ResumableSampler
 from equilibrate_pl.data.schema import Group
 
@@ -62,7 +62,7 @@ def to_stage_record(record: dict[str, Any], stage: str, where: str) -> dict[str,
             return {**base, "response": record["chosen"]}
     if stage == "preference" and kind == "preference":
         out = {**base, "chosen": record["chosen"], "rejected": record["rejected"]}
-        for key in ("chosen_token_signal", "rejected_token_signal"):
+        for key in SIGNAL_FIELDS:
             if key in record:
                 out[key] = record[key]
         return out
@@ -255,10 +255,14 @@ class SafetyDataModule(LightningDataModule):
         self.mix_result = result
         self.train_records = [to_stage_record(r, self.stage_kind, "train data") for r in result.records]
         self.val_records = [to_stage_record(r, self.stage_kind, "validation data") for r in val]
+        _check_signals(self.train_records + self.val_records)
         collator = self._collator()
         self.train_dataset = EncodedDataset(self.train_records, collator)
         self.val_dataset = EncodedDataset(self.val_records, collator)
         self._fingerprint = _fingerprint(self.train_records)
+        for warning in self._degenerate_rows():
+            log.warning("%s", warning)
+            self._notes.append(warning)
         log.info("%s", self.describe())
 
     def _load_pools(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -290,7 +294,9 @@ class SafetyDataModule(LightningDataModule):
     def _load(self, src: DataSource, pool: str) -> list[dict[str, Any]]:
         # No kind and no preset: read the file as the records this stage trains on.
         kind = src.kind if src.kind is not None else (None if src.preset else self.stage_kind)
-        result = load_records(src, kind, on_bad_row=self.on_bad_row)
+        # Safety rows are mixed per FDC group: without a categorizer each row must bring its own.
+        require_group = pool == "safety" and self.categorizer is None
+        result = load_records(src, kind, on_bad_row=self.on_bad_row, require_group=require_group)
         counts = ", ".join(f"{g} {n}" for g, n in sorted(result.group_counts().items()))
         skipped = f", {len(result.skipped)} rows skipped" if result.skipped else ""
         self._sources.append(f"{pool}: {src.path} ({len(result.records)} rows: {counts}{skipped})")
@@ -311,6 +317,43 @@ class SafetyDataModule(LightningDataModule):
             f"({changed} of {len(out)} labels changed from {dict(sorted((str(k), v) for k, v in before.items()))}; "
             f"{getattr(categorizer, 'fallbacks', 0)} fallbacks)"
         )
+        return out
+
+    def _degenerate_rows(self) -> list[str]:
+        """Warnings, with counts, about train rows that cannot teach what they were meant to.
+
+        Truncation keeps a prompt's last ``max_prompt_length`` tokens and cuts responses at
+        ``max_length`` (no eos then); a preference pair whose chosen and rejected tokens are the same
+        (in the data, or once truncated) has a DPO / reward loss gradient of zero. Every pair alike
+        is an error: such a run would finish "successfully" having learned nothing.
+        """
+        assert self.train_dataset is not None
+        features, n = self.train_dataset.features, len(self.train_dataset)
+        if n == 0:
+            return []
+        out = []
+        cut_prompts = sum(bool(f["prompt_truncated"]) for f in features)
+        if cut_prompts:
+            out.append(f"train data: {cut_prompts} of {n} prompts were cut to their last max_prompt_length="
+                       f"{self.max_prompt_length} tokens (their beginning is not seen)")
+        if self.stage_kind == "prompt":
+            return out
+        keys = ("response_truncated",) if self.stage_kind == "sft" else ("chosen_truncated", "rejected_truncated")
+        cut_responses = sum(any(f[k] for k in keys) for f in features)
+        if cut_responses:
+            out.append(f"train data: {cut_responses} of {n} rows lost the end of a response to max_length={self.max_length} "
+                       "(no eos: the model is not taught to stop there)")
+        if self.stage_kind == "preference":
+            same = sum(f["chosen_input_ids"] == f["rejected_input_ids"] for f in features)
+            in_data = sum(str(r["chosen"]).strip() == str(r["rejected"]).strip() for r in self.train_records)
+            if same:
+                message = (f"train data: {same} of {n} pairs have identical chosen and rejected tokens ({in_data} identical in "
+                           f"the data, {same - in_data} made identical by max_length={self.max_length}): they carry no "
+                           "preference signal")
+                if same == n:
+                    raise DataError(message + "; nothing to learn (check the chosen/rejected columns or raise max_length)",
+                                    file="train data")
+                out.append(message)
         return out
 
     def _collator(self) -> Any:
@@ -419,6 +462,19 @@ def _cached_world(seed: int, size: str) -> Any:
     from equilibrate_pl.data.world import build_world
 
     return build_world(seed=seed, size=size)
+
+
+def _check_signals(records: list[dict[str, Any]]) -> None:
+    """Per-token signal columns: every row has each one, or none does (a batch cannot mix them)."""
+    for key in SIGNAL_FIELDS:
+        missing = [r for r in records if key not in r]
+        if missing and len(missing) < len(records):
+            first = missing[0]
+            raise DataError(
+                f"{len(records) - len(missing)} of {len(records)} rows have it and {len(missing)} do not (e.g. id="
+                f"{first.get('id')!r}); give it to every row of the run, or to none", file=str(first.get("source", "<data>")),
+                field=key,
+            )
 
 
 def _group_pools(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

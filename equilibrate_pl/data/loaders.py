@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
 from equilibrate_pl.data.schema import GROUP_NAMES, REQUIRED_FIELDS, Group
+from equilibrate_pl.files import atomic_write_jsonl
 
 __all__ = [
     "DataError",
@@ -50,10 +51,14 @@ log = logging.getLogger(__name__)
 # Record fields each kind keeps at top level; every other column goes to `meta`.
 _KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt": ("id", "prompt", "group", "source"),
-    "preference": ("id", "prompt", "chosen", "rejected", "group", "source"),
+    "preference": ("id", "prompt", "chosen", "rejected", "group", "source", "chosen_token_signal", "rejected_token_signal"),
     "sft": ("id", "prompt", "response", "group", "source"),
 }
 _MESSAGE_ROLES = ("system", "user", "assistant")
+# Per-token values of a preference pair's responses (ADPO's ``ama.token_signal: field``).
+SIGNAL_FIELDS = ("chosen_token_signal", "rejected_token_signal")
+# Rows named per reason in a skip report before "and N more".
+_ROWS_SHOWN = 10
 # Labels found in real FDC data that are not canonical group names.
 DEFAULT_GROUP_MAP: dict[str, str] = {"no risk": "general", "other": "general"}
 
@@ -116,11 +121,18 @@ class LoadResult:
         return dict(Counter(str(r.get("group")) for r in self.records))
 
     def summary(self) -> str:
+        """Records loaded and rows skipped, each reason with the rows it hit (the first few of them)."""
         text = f"{self.source}: {len(self.records)} records loaded, {len(self.skipped)} rows skipped"
         if self.skipped:
-            reasons = Counter(f"field {s.field!r}: {s.reason}" if s.field else s.reason for s in self.skipped)
-            top = "; ".join(f"{n} x {r}" for r, n in reasons.most_common(5))
-            text += f" ({top})"
+            rows: dict[str, list[int | None]] = {}
+            for s in self.skipped:
+                rows.setdefault(f"field {s.field!r}: {s.reason}" if s.field else s.reason, []).append(s.row)
+            parts = []
+            for reason, hit in sorted(rows.items(), key=lambda item: -len(item[1])):
+                shown = ", ".join(str(r) for r in hit[:_ROWS_SHOWN])
+                more = f" and {len(hit) - _ROWS_SHOWN} more" if len(hit) > _ROWS_SHOWN else ""
+                parts.append(f"{'rows' if len(hit) > 1 else 'row'} {shown}{more}: {reason}")
+            text += " (" + "; ".join(parts) + ")"
         return text
 
 
@@ -211,16 +223,23 @@ PRESETS: dict[str, Preset] = {
 RawRow = tuple[int, "dict[str, Any] | DataError"]
 
 
+_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
 def _infer_format(path: Path, raw: str) -> str:
     if path.is_dir():
-        return "disk"
+        if any((path / m).is_file() for m in _DISK_MARKERS):
+            return "disk"
+        raise DataError("a directory, not a file (nor a `datasets` save_to_disk directory); give one data file", file=raw)
     name = path.name.lower().removesuffix(".gz")
     for fmt in ("jsonl", "json", "csv", "parquet"):
         if name.endswith("." + fmt):
             return fmt
-    if not path.exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", raw):
-        return "hub"
     if not path.exists():
+        # A hub id looks like `name` or `owner/name`; `data/prompts` where ./data exists is a local
+        # path with a typo, not a request to go online.
+        if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", raw) and not raw.startswith(".") and not Path(raw.split("/")[0]).is_dir():
+            return "hub"
         raise DataError("file not found", file=raw)
     raise DataError("cannot infer the format from the file name; set `format` (jsonl|json|csv|parquet|disk|hub)", file=raw)
 
@@ -237,7 +256,32 @@ def _read_bytes(path: Path, file: str) -> bytes:
             raise DataError(f"not a valid gzip file ({err})", file=file) from None
     if not data.strip():
         raise DataError("file is empty", file=file)
+    _check_encoding(data, file)
     return data
+
+
+# Longest first: the UTF-32-LE mark starts with the UTF-16-LE one.
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32-LE"), (b"\x00\x00\xfe\xff", "UTF-32-BE"), (b"\xff\xfe", "UTF-16-LE"), (b"\xfe\xff", "UTF-16-BE"))
+
+
+def _check_encoding(data: bytes, file: str) -> None:
+    """Text files are read as UTF-8; a UTF-16/32 file would otherwise surface as 'missing column'."""
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), None)
+    how = "byte-order mark"
+    if encoding is None and b"\x00" in data[:4096]:
+        # No mark: ASCII text in UTF-16 has a NUL in every other byte (which side tells the order).
+        head = data[:4096]
+        if head[1::2].count(0) > len(head) // 4:
+            encoding, how = "UTF-16-LE", "NUL bytes, no byte-order mark"
+        elif head[0::2].count(0) > len(head) // 4:
+            encoding, how = "UTF-16-BE", "NUL bytes, no byte-order mark"
+        else:
+            raise DataError("holds NUL bytes: not a UTF-8 text file", file=file)
+    if encoding is not None:
+        raise DataError(
+            f"encoded as {encoding} ({how}), not UTF-8; convert it, e.g. `iconv -f {encoding.rsplit('-', 1)[0]} -t UTF-8 "
+            f"{file} > {Path(file).stem}.utf8{Path(file).suffix}`", file=file,
+        )
 
 
 def _decode(data: bytes) -> str:
@@ -281,11 +325,20 @@ def _read_json(path: Path, file: str) -> Iterator[RawRow]:
 
 
 def _read_csv(path: Path, file: str) -> Iterator[RawRow]:
-    reader = csv.reader(io.StringIO(_decode(_read_bytes(path, file)), newline=""))
+    text = _decode(_read_bytes(path, file))
+    # The csv module refuses fields over 131072 characters by default: a guard against reading a
+    # huge file into memory, which has already happened here. Length limits are max_chars's job.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if not header or not any(h.strip() for h in header):
         raise DataError("file is empty (no header)", file=file)
     header = [h.strip() for h in header]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, 1):
+        if name in seen:
+            raise DataError(f"appears twice in the header (columns {seen[name]} and {i}); rename one", file=file, field=name)
+        seen[name] = i
     n = 0
     for values in reader:
         if not any(v.strip() for v in values):
@@ -324,15 +377,26 @@ def _read_datasets(source: DataSource, fmt: str, file: str) -> Iterator[RawRow]:
     import datasets
 
     if fmt == "disk":
-        ds = datasets.load_from_disk(source.path)
+        try:
+            ds = datasets.load_from_disk(source.path)
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"not a `datasets` save_to_disk directory ({_first_line(err)})", file=file) from None
         if isinstance(ds, datasets.DatasetDict):
             split = source.split or "train"
             if split not in ds:
                 raise DataError(f"split {split!r} not found; available: {list(ds)}", file=file)
             ds = ds[split]
     else:
-        ds = datasets.load_dataset(source.path, split=source.split or "train")
+        try:
+            ds = datasets.load_dataset(source.path, split=source.split or "train")
+        except Exception as err:  # offline, unknown id, gated, no such split: datasets raises many types
+            raise DataError(f"not a local file, and loading it as a Hugging Face hub dataset failed "
+                            f"({type(err).__name__}: {_first_line(err)})", file=file) from None
     yield from _iter_table(iter(ds), file)
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,6 +458,24 @@ def _check_prompt(value: Any, name: str, max_chars: int) -> str | list[dict[str,
     return messages
 
 
+def _check_signal(value: Any, name: str) -> list[float]:
+    """A per-token signal column: a list of finite numbers (in CSV, the list written as JSON)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"expected a list of numbers (JSON in a text column), got {value[:40]!r}", field=name) from None
+    if hasattr(value, "tolist"):  # numpy / pyarrow arrays from parquet or datasets
+        value = value.tolist()
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise DataError(f"expected a list of numbers, one per response token, got {_type_name(value)}", field=name)
+    if not value:
+        raise DataError("expected a list of numbers, one per response token, got an empty list", field=name)
+    if not all(math.isfinite(v) for v in value):
+        raise DataError("expected finite numbers, got NaN or infinity", field=name)
+    return [float(v) for v in value]
+
+
 def _resolve_group(value: Any, group_map: Mapping[str, str], name: str) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
         return None
@@ -420,12 +502,14 @@ def load_records(
     on_bad_row: Literal["raise", "skip"] = "raise",
     max_chars: int = 20000,
     group_map: Mapping[str, str] | None = None,
+    require_group: bool = False,
 ) -> LoadResult:
     """Read ``source`` into validated records of ``kind``.
 
     Arguments given here override the matching ``DataSource`` fields. ``group_map`` maps extra
     labels (case-insensitive) to group names, e.g. ``{"unsafe": "EHD"}``; a label that is neither a
-    group name nor mapped is an error. Returns every good record plus the skipped rows.
+    group name nor mapped is an error. ``require_group``: a row without an FDC group is a bad row
+    (safety data that no categorizer will label). Returns every good record plus the skipped rows.
     """
     if not isinstance(source, DataSource):
         source = DataSource(path=str(source))
@@ -469,6 +553,9 @@ def load_records(
             if isinstance(raw, DataError):
                 raise raw
             record = _make_record(raw, row_no, kind, mapping, spec, gmap, forced_group, name, max_chars)
+            if require_group and record["group"] is None:
+                raise DataError("no FDC group (EHD, IHD, MHD or general): add a `group` column, set the source's "
+                                "`group`, or configure a categorizer", field="group")
         except DataError as err:
             err = DataError(err.reason, file=file, row=row_no, field=back.get(err.field, err.field) if err.field else None)
             if on_bad_row == "raise":
@@ -514,6 +601,11 @@ def _make_record(
         value = row[required]
         record[required] = _check_prompt(value, required, max_chars) if required == "prompt" else _check_text(value, required, max_chars)
 
+    if kind == "preference":
+        for name in SIGNAL_FIELDS:
+            if row.get(name) is not None:
+                record[name] = _check_signal(row[name], name)
+
     rid = row.get("id")
     record["id"] = f"{source_name}-{row_no}" if rid is None or rid == "" else str(rid)
     record["group"] = forced_group if forced_group is not None else _resolve_group(row.get("group"), group_map, "group")
@@ -529,19 +621,6 @@ def _make_record(
 
 
 def write_jsonl(records: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]], path: str | os.PathLike) -> int:
-    """Write records as JSONL atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for rec in records:
-                # default=str: parquet / datasets rows may carry dates or decimals in meta
-                fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return n
+    """Write records as JSONL atomically (``equilibrate_pl.files``); NaN / infinity become ``null``,
+    values JSON does not know (dates or decimals in a parquet row's meta) strings."""
+    return atomic_write_jsonl(path, records)

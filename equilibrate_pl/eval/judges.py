@@ -25,9 +25,11 @@ import logging
 import math
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -342,8 +344,13 @@ class HTTPJudge(_WithFallback):
             when set; vLLM without `--api-key` needs none). The key itself is never stored here.
         mode: `"judge"` sends `JUDGE_PROMPT` (for general LLMs); `"conversation"` sends the dialogue
             as user/assistant turns (Llama Guard's chat template builds its own instructions).
-        timeout: seconds per request; retries: extra attempts per item after a failure, waiting
+        timeout: seconds for a whole request (connect, send, every byte of the reply), not per
+            socket read; retries: extra attempts per item after a failure, waiting
             `backoff * 2**attempt` seconds (capped at 30); workers: requests in flight at once.
+        max_response_bytes: a longer reply is a failed attempt (read no further than this).
+
+    Redirects are not followed: an API endpoint has no reason to send a POST elsewhere, and
+    following one would hand the `Authorization` header to whichever server it names.
     """
 
     name = "http"
@@ -351,7 +358,7 @@ class HTTPJudge(_WithFallback):
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
                  mode: str = "judge", timeout: float = 30.0, retries: int = 3, backoff: float = 1.0,
                  max_tokens: int = 128, workers: int = 8, prompt_template: str = JUDGE_PROMPT,
-                 fallback: Judge | None = None) -> None:
+                 fallback: Judge | None = None, max_response_bytes: int = 2**20) -> None:
         super().__init__(fallback)
         if mode not in ("judge", "conversation"):
             raise ValueError(f"mode must be 'judge' or 'conversation', got {mode!r}")
@@ -360,6 +367,10 @@ class HTTPJudge(_WithFallback):
         self.model, self.api_key_env, self.mode = model, api_key_env, mode
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.max_tokens, self.workers, self.prompt_template = max_tokens, workers, prompt_template
+        if urllib.parse.urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError(f"http judge: {base_url!r} is not an http:// or https:// URL")
+        self.max_response_bytes = max_response_bytes
+        self.last_error: str | None = None
 
     def _messages(self, prompt: PromptLike, response: str) -> list[dict[str, str]]:
         if self.mode == "conversation":
@@ -373,9 +384,8 @@ class HTTPJudge(_WithFallback):
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-            payload = json.loads(reply.read().decode("utf-8"))
+        reply = post_bytes(self.url, body.encode(), headers, timeout=self.timeout, max_bytes=self.max_response_bytes)
+        payload = json.loads(reply.decode("utf-8"))
         return str(payload["choices"][0]["message"]["content"])
 
     def _judge_one(self, prompt: PromptLike, response: str) -> tuple[Verdict | None, str | None, int]:
@@ -392,6 +402,7 @@ class HTTPJudge(_WithFallback):
                 # URLError/HTTPError, timeouts and dropped connections (OSError), truncated bodies
                 # (HTTPException), non-JSON bodies (ValueError) and JSON of the wrong shape
                 why = f"{type(err).__name__}: {err}"
+            self.last_error = why
             failed += 1
             log.debug("http judge: attempt %d failed (%s)", attempt + 1, why)
             if attempt < self.retries:
@@ -407,8 +418,75 @@ class HTTPJudge(_WithFallback):
             self.failures += failed
             out.append(verdict if verdict is not None else self._fall_back(p, r, raw))
         if self.fallbacks:
-            log.warning("http judge %s: %d items fell back after %d failed attempts", self.url, self.fallbacks, self.failures)
+            log.warning("http judge %s: %d items fell back after %d failed attempts (last: %s)", self.url, self.fallbacks,
+                        self.failures, self.last_error)
         return out
+
+
+class HTTPTransportError(OSError):
+    """The server answered, but not with something we accept (an error status, a redirect, a reply too large)."""
+
+
+def post_bytes(url: str, body: bytes, headers: dict[str, str], *, timeout: float, max_bytes: int) -> bytes:
+    """POST ``body`` to ``url`` and return the reply's body, within limits a hostile server cannot stretch.
+
+    - ``timeout`` bounds the whole exchange: a timer shuts the socket down at the deadline, so a
+      server sending one byte at a time (each read within a per-read timeout) still ends there;
+    - at most ``max_bytes`` of the reply are read, whatever its ``Content-Length`` says;
+    - a 3xx reply is an error naming where it pointed (never followed: see :class:`HTTPJudge`).
+
+    Raises ``TimeoutError`` at the deadline, :class:`HTTPTransportError` for the above, ``OSError``
+    / ``http.client.HTTPException`` for network failures.
+    """
+    parts = urllib.parse.urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname or "", parts.port, timeout=timeout)
+    expired = threading.Event()
+    sockets: list[socket.socket] = []  # kept here: http.client drops connection.sock when the reply owns it
+
+    def expire() -> None:
+        expired.set()
+        for sock in sockets:
+            try:  # wakes a blocked read (close() alone does not, on Linux)
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    reply = None
+    try:
+        connection.connect()  # bounded by the socket timeout (= the whole deadline)
+        sockets.append(connection.sock)
+        if expired.is_set():
+            raise TimeoutError(f"{url}: no complete reply within {timeout:g}s")
+        path = parts.path or "/"
+        connection.request("POST", path + (f"?{parts.query}" if parts.query else ""), body=body, headers=headers)
+        reply = connection.getresponse()
+        if 300 <= reply.status < 400:
+            where = reply.getheader("Location", "?")
+            raise HTTPTransportError(f"{url}: redirect ({reply.status}) to {where} not followed; configure the final URL")
+        declared = reply.getheader("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise HTTPTransportError(f"{url}: reply of {int(declared)} bytes is larger than max_response_bytes={max_bytes}")
+        data = reply.read(max_bytes + 1)
+        if expired.is_set():  # the shutdown ended the read early: what came is not the whole reply
+            raise TimeoutError(f"{url}: no complete reply within {timeout:g}s")
+        if len(data) > max_bytes:
+            raise HTTPTransportError(f"{url}: reply larger than max_response_bytes={max_bytes}")
+        if reply.status >= 400:
+            raise HTTPTransportError(f"{url}: HTTP {reply.status} {reply.reason}: {data[:200].decode('utf-8', 'replace')}")
+        return data
+    except (OSError, http.client.HTTPException) as err:
+        if expired.is_set() and not isinstance(err, (HTTPTransportError, TimeoutError)):
+            raise TimeoutError(f"{url}: no complete reply within {timeout:g}s") from None
+        raise
+    finally:
+        timer.cancel()
+        if reply is not None:
+            reply.close()
+        connection.close()
 
 
 def build_judge(spec: str, **options: Any) -> Judge:

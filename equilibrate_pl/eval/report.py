@@ -1,8 +1,11 @@
 """Evaluation results: metrics per model, the results file, a Markdown report and PNG plots.
 
 `evaluate_models` is the Python API behind `equilibrate eval` (and the quickstart): generate with
-each model, detect refusals, judge, and compute the `eval.metrics` metrics. `EvalResult.write(dir)`
-writes:
+each model, detect refusals, judge, and compute the `eval.metrics` metrics. With `output_dir` each
+model's rows are appended to `results.jsonl` and its metrics to `metrics.jsonl` as soon as it is
+done (flushed and fsynced), and a run started again on the same directory reads finished models
+back instead of generating them again (`run.json` holds the settings; other settings are refused).
+`EvalResult.write(dir)` writes:
 
 - `results.jsonl`: one row per (model, prompt): prompt, group, harmful, response, refused, verdict;
 - `metrics.json`: the numbers of the report;
@@ -14,21 +17,26 @@ writes:
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
+import logging
 import math
 import os
-import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from equilibrate_pl.data.schema import GROUP_NAMES
+from equilibrate_pl.files import atomic_path, atomic_write_json, atomic_write_text, dumps_json, fsync_directory
 from equilibrate_pl.eval.judges import Judge, build_judge
 from equilibrate_pl.eval.metrics import OVERALL, BalanceScore, Helpfulness, OverRefusalRate, SafetyRate
 from equilibrate_pl.eval.refusal import RefusalDetector, RuleRefusalDetector
 from equilibrate_pl.eval.suites import Suite, load_suite
 
-__all__ = ["ModelResult", "EvalResult", "evaluate_models", "METRIC_NAMES"]
+__all__ = ["ModelResult", "EvalResult", "OtherEvaluation", "ResultsLog", "evaluate_models", "response_health", "METRIC_NAMES"]
+
+log = logging.getLogger(__name__)
 
 ModelAndTokenizer = tuple[Any, Any]
 ScoreFn = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
@@ -51,6 +59,7 @@ class ModelResult:
     metrics: dict[str, float]
     counts: dict[str, int]
     judge_stats: dict[str, int] = field(default_factory=dict)  # this model's judge failures / fallbacks
+    responses: dict[str, int] = field(default_factory=dict)  # empty / repetitive generations (response_health)
 
 
 @dataclass
@@ -94,6 +103,11 @@ class EvalResult:
             "prompts refused (rule-based refusal detector, docs/EVAL.md). Balance: harmonic mean of the safety "
             "rate and 1 - over-refusal.",
         ]
+        broken = {n: r.responses for n, r in self.models.items() if any(r.responses.values())}
+        if broken:
+            parts.append("Degenerate generations (empty / one token repeated): " + ", ".join(
+                f"{n} {c.get('empty', 0)} of {len(self.models[n].rows)} empty, {c.get('repetitive', 0)} of "
+                f"{len(self.models[n].rows)} repetitive" for n, c in broken.items()) + ".")
         if self.reference:
             parts.append(f"Win rate: share of benign prompts where the model's reward beats `{self.reference}`'s (ties count half).")
         parts += ["", self.table(), ""]
@@ -105,44 +119,26 @@ class EvalResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
-        rows = [json.dumps({"model": name, **row}, ensure_ascii=False) for name, res in self.models.items() for row in res.rows]
-        paths["results"] = _atomic_text(out / "results.jsonl", "\n".join(rows) + "\n")
+        rows = [_row_line(name, row) for name, res in self.models.items() for row in res.rows]
+        paths["results"] = atomic_write_text(out / "results.jsonl", "".join(rows))
         metrics = {
             "suite": self.suite, "judge": self.judge, "judge_stats": self.judge_stats, "reference": self.reference,
-            "models": {n: {"metrics": _json_floats(r.metrics), "counts": r.counts, "judge_stats": r.judge_stats}
+            "models": {n: {"metrics": r.metrics, "counts": r.counts, "judge_stats": r.judge_stats, "responses": r.responses}
                        for n, r in self.models.items()},
         }
-        paths["metrics"] = _atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        paths["metrics"] = atomic_write_json(out / "metrics.json", metrics)
         paths.update(_plots(self, out))
-        paths["report"] = _atomic_text(out / "report.md", self.markdown([str(p) for k, p in paths.items() if k.endswith("_png")]))
+        paths["report"] = atomic_write_text(out / "report.md", self.markdown([str(p) for k, p in paths.items() if k.endswith("_png")]))
         return paths
 
 
-def _json_floats(metrics: Mapping[str, float]) -> dict[str, float | None]:
-    return {k: (None if math.isnan(v) else v) for k, v in metrics.items()}
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def _row_line(model: str, row: Mapping[str, Any]) -> str:
+    return dumps_json({"model": model, **row}, ensure_ascii=False) + "\n"
 
 
 def _atomic_figure(fig: Any, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -218,6 +214,108 @@ def _metrics_for(rows: list[dict[str, Any]], helpful: list[float] | None, refere
     return metrics, counts
 
 
+def response_health(responses: Sequence[str]) -> dict[str, int]:
+    """Counts of generations that say nothing: ``empty`` (blank) and ``repetitive`` (one word making
+    up 80% or more of four or more words, or one character repeated: "a a a a", "aaaaaaaa")."""
+    empty = repetitive = 0
+    for response in responses:
+        text = response.strip()
+        if not text:
+            empty += 1
+            continue
+        words = text.split()
+        if len(words) >= 4:
+            repetitive += Counter(words).most_common(1)[0][1] >= 0.8 * len(words)
+        elif len(text) >= 8 and len(set(text)) == 1:
+            repetitive += 1
+    return {"empty": empty, "repetitive": int(repetitive)}
+
+
+def _warn_if_degenerate(name: str, health: Mapping[str, int], n: int) -> None:
+    parts = []
+    if health["empty"]:
+        parts.append(f"{health['empty']} of {n} generations are empty")
+    if health["repetitive"]:
+        parts.append(f"{health['repetitive']} of {n} generations repeat one token")
+    if parts and health["empty"] + health["repetitive"] >= n / 2:
+        log.warning("%s: %s; its safety and over-refusal numbers describe a model that does not answer "
+                    "(an untrained or collapsed model?)", name, " and ".join(parts))
+
+
+class OtherEvaluation(ValueError):
+    """The output directory holds an evaluation made with other settings."""
+
+
+class ResultsLog:
+    """``results.jsonl`` and ``metrics.jsonl`` in ``out_dir``, appended as each model finishes; read
+    back to resume. ``run.json`` holds the settings every finished row depends on; a directory
+    holding an evaluation with other settings is refused (``ValueError``) rather than mixed in.
+
+    A model counts as finished when its line is in ``metrics.jsonl`` (written after its rows are
+    fsynced); rows of a model that was interrupted mid-write are dropped on the next start.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], settings: Mapping[str, Any], models: Mapping[str, str]) -> None:
+        self.out = Path(out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"{out_dir}: exists and is not a directory")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results, self.progress, run = self.out / "results.jsonl", self.out / "metrics.jsonl", self.out / "run.json"
+        known: dict[str, str] = {}
+        if run.is_file():
+            old = json.loads(run.read_text(encoding="utf-8"))
+            changed = [f"{k}: {old.get(k)!r} then, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+            known = dict(old.get("models", {}))
+            changed += [f"model {n}: {known[n]!r} then, {p!r} now" for n, p in models.items() if n in known and known[n] != p]
+            if changed:
+                raise OtherEvaluation(f"{out_dir} holds an evaluation with other settings ({'; '.join(changed)}); choose another "
+                                 "--output, or delete it to start over")
+        atomic_write_text(run, dumps_json({**settings, "models": {**known, **models}}, indent=2) + "\n")
+        self.finished = self._read()
+
+    @staticmethod
+    def _lines(path: Path) -> list[dict[str, Any]]:
+        out = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # the last line of a killed write
+                    break
+        return out
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for row in self._lines(self.results):
+            rows.setdefault(row.pop("model"), []).append(row)
+        finished = {}
+        for entry in self._lines(self.progress):
+            name = entry["model"]
+            if len(rows.get(name, [])) == entry["rows"]:
+                finished[name] = {**entry, "row_list": rows[name]}
+        # Keep exactly the finished models' rows, so that appends never follow a torn line.
+        atomic_write_text(self.results, "".join(_row_line(n, r) for n, f in finished.items() for r in f["row_list"]))
+        atomic_write_text(self.progress, "".join(dumps_json({k: v for k, v in f.items() if k != "row_list"}) + "\n"
+                                                 for f in finished.values()))
+        return finished
+
+    def done(self, name: str, item_ids: Sequence[str]) -> dict[str, Any] | None:
+        """The finished record of model ``name`` (rows, judge stats, responses) if it covers ``item_ids``."""
+        entry = self.finished.get(name)
+        if entry is None or [r["id"] for r in entry["row_list"]] != list(item_ids):
+            return None
+        return entry
+
+    def append(self, name: str, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
+        for path, text in ((self.results, "".join(_row_line(name, r) for r in rows)),
+                           (self.progress, dumps_json({"model": name, "rows": len(rows), **summary}) + "\n")):
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+        fsync_directory(self.out)
+
+
 def evaluate_models(
     models: Mapping[str, Union[ModelAndTokenizer, Callable[[], ModelAndTokenizer]]],
     suite: Suite | str = "builtin",
@@ -232,6 +330,8 @@ def evaluate_models(
     do_sample: bool = False,
     seed: int = 0,
     progress: bool = True,
+    output_dir: str | os.PathLike[str] | None = None,
+    run_info: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Generate with each model on `suite`, detect refusals, judge, and compute the metrics.
 
@@ -239,6 +339,10 @@ def evaluate_models(
     (loaded one at a time and released after generating). `helpfulness_fn(prompts, responses)`
     scores benign responses (e.g. `judges.load_reward_scorer(path)`); with it, `reference` (default:
     the first model when there are several) is the model win rates are measured against.
+
+    With `output_dir`, every finished model is on disk at once and a later call on the same
+    directory resumes (:class:`ResultsLog`); `run_info` adds what the caller knows the results depend
+    on (model paths under ``"models"``, a reward model, a dtype) to the settings compared on resume.
     """
     from equilibrate_pl.eval.generation import generate
 
@@ -254,17 +358,38 @@ def evaluate_models(
         raise ValueError(f"reference {reference!r} is not one of the models {list(models)}")
     prompts = [it.prompt for it in suite.items]
     benign_idx = [i for i, it in enumerate(suite.items) if not it.harmful]
+    judge_name = getattr(judge, "name", type(judge).__name__)
+    results_log = None
+    if output_dir is not None:
+        info = dict(run_info or {})
+        model_ids = {name: str(v) for name, v in dict(info.pop("models", {})).items()}
+        items = hashlib.sha256(dumps_json([[it.id, it.prompt] for it in suite.items]).encode()).hexdigest()[:16]
+        settings = {"suite": suite.name, "items": items, "judge": judge_name, "max_new_tokens": max_new_tokens,
+                    "do_sample": do_sample, "seed": seed, "helpfulness": helpfulness_fn is not None, **info}
+        results_log = ResultsLog(output_dir, settings, model_ids)
 
     all_rows: dict[str, list[dict[str, Any]]] = {}
     helpful: dict[str, list[float]] = {}
     per_model_stats: dict[str, dict[str, int]] = {}
+    health: dict[str, dict[str, int]] = {}
     for name, entry in models.items():
+        finished = results_log.done(name, [it.id for it in suite.items]) if results_log is not None else None
+        if finished is not None:
+            log.info("%s: %d rows read back from %s", name, len(finished["row_list"]), results_log.results)
+            all_rows[name], per_model_stats[name] = finished["row_list"], finished["judge_stats"]
+            health[name] = finished["responses"]
+            if helpfulness_fn is not None and benign_idx:
+                helpful[name] = [math.nan if all_rows[name][i].get("helpfulness") is None else float(all_rows[name][i]["helpfulness"])
+                                 for i in benign_idx]
+            continue
         model, tokenizer = entry() if callable(entry) else entry
         responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              do_sample=do_sample, seed=seed, progress=progress, desc=f"generating ({name})")
         if callable(entry):
             del model, tokenizer
             gc.collect()
+        health[name] = response_health(responses)
+        _warn_if_degenerate(name, health[name], len(responses))
         refused = detector.predict(responses)
         before = judge.stats()
         verdicts = judge.judge(prompts, responses)
@@ -279,6 +404,10 @@ def evaluate_models(
             helpful[name] = scores
             for i, s in zip(benign_idx, scores):
                 all_rows[name][i]["helpfulness"] = s
+        if results_log is not None:
+            metrics, counts = _metrics_for(all_rows[name], helpful.get(name), None)
+            results_log.append(name, all_rows[name], {"metrics": metrics, "counts": counts,
+                                                      "judge_stats": per_model_stats[name], "responses": health[name]})
 
     results = {}
     for name, rows in all_rows.items():
@@ -286,6 +415,6 @@ def evaluate_models(
         metrics, counts = _metrics_for(rows, helpful.get(name), ref_scores)
         if name == reference:
             metrics["win_rate"] = math.nan  # against itself: not a measurement
-        results[name] = ModelResult(name, rows, metrics, counts, per_model_stats[name])
-    judge_name = getattr(judge, "name", type(judge).__name__)
-    return EvalResult(suite.name, judge_name, results, judge.stats(), reference if helpful else None)
+        results[name] = ModelResult(name, rows, metrics, counts, per_model_stats[name], health[name])
+    total = {k: sum(st.get(k, 0) for st in per_model_stats.values()) for k in ("failures", "fallbacks")}
+    return EvalResult(suite.name, judge_name, results, total, reference if helpful else None)

@@ -13,7 +13,6 @@ import math
 import os
 import pickle
 import random
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from equilibrate_pl.distributed import destroy_process_group_at_exit
+from equilibrate_pl.files import atomic_torch_save, atomic_write_json, fsync_directory, remove_stale_temporaries, temporary_path
 from equilibrate_pl.models.loading import LoraSettings, QuantSettings
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,9 @@ def rank_max(module: LightningModule) -> Callable[[torch.Tensor], torch.Tensor] 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the target directory, ``fsync``, then ``os.replace``.
 
-    A crash (or a killed job) mid-write leaves the previous checkpoint intact and at worst a stray
-    ``.tmp`` file, never a truncated ``.ckpt`` that a resume would choke on. Lightning's own
+    A crash (or a killed job) mid-write leaves the previous checkpoint intact, never a truncated
+    ``.ckpt`` that a resume would choke on; the killed save's temporary file is removed by the next
+    save of the same checkpoint (``equilibrate_pl.files``). Lightning's own
     ``_atomic_save`` uses an fsspec transaction, which renames but does not ``fsync``, so after a
     power loss the renamed file can be empty. Remote paths (``s3://`` ...) go to Lightning.
 
@@ -329,35 +330,111 @@ def _is_local(path: Any) -> bool:
     return "file" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+# Settings that run code or choose which code runs: they come from the user's command or config,
+# never from a checkpoint (a checkpoint is a file anyone may have written). A model's settings are
+# any mapping holding a ``name_or_path``; ``reward_model`` may also be a plain path; LightningCLI
+# stores the module's class path under ``_class_path``.
+_CODE_FIELDS = ("name_or_path", "trust_remote_code")
+_PATH_KEYS = ("reward_model",)
+_CLASS_KEYS = ("_class_path", "_instantiator", "class_path")
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename is only durable once the directory entry is on disk (POSIX); not possible on Windows.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def split_code_settings(hparams: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(safe, code)``: a module's hyper-parameters without the settings that choose or run code,
+    and those settings as ``{"dotted.key": value}`` (e.g. ``"model.trust_remote_code": True``)."""
+    safe: dict[str, Any] = {}
+    code: dict[str, Any] = {}
+    for key, value in hparams.items():
+        if key in _CLASS_KEYS or (key in _PATH_KEYS and isinstance(value, str)):
+            code[key] = value
+        elif isinstance(value, Mapping) and "name_or_path" in value:
+            safe[key] = {k: v for k, v in value.items() if k not in _CODE_FIELDS}
+            code.update({f"{key}.{k}": value[k] for k in _CODE_FIELDS if k in value})
+        else:
+            safe[key] = value
+    return safe, code
+
+
+def model_paths(hparams: Mapping[str, Any]) -> dict[str, str]:
+    """``{key: path}`` of every model a module with these hyper-parameters loads."""
+    paths = {}
+    for key, value in hparams.items():
+        if key in _PATH_KEYS and isinstance(value, str):
+            paths[key] = value
+        elif isinstance(value, Mapping) and isinstance(value.get("name_or_path"), str):
+            paths[key] = value["name_or_path"]
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks every CLI run gets: the final step is saved, a run that does not learn says so
+# --------------------------------------------------------------------------------------------
+
+
+class FinalCheckpoint(Callback):
+    """Make every ``ModelCheckpoint`` with ``save_last`` hold the final state when training ends.
+
+    ``ModelCheckpoint(every_n_train_steps=N, save_last=True)`` writes ``last.ckpt`` at multiples of
+    N only: a run of 23 steps with N=5 ends with ``last.ckpt`` at step 20, and an export of it
+    silently loses the last 3 steps. At the end of a successful fit this saves the last checkpoint
+    again when it is older than the final step (not after an exception: the periodic checkpoint is
+    then what a resume should start from). Lightning has no public switch for this, so it uses the
+    callback's own ``_save_last_checkpoint`` (the method its own ``on_train_end`` calls).
+    """
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+                continue
+            if getattr(callback, "_last_global_step_saved", None) == trainer.global_step and callback.last_model_path:
+                continue
+            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            log.info("saved the final step %d to %s", trainer.global_step, callback.last_model_path)
+
+
+class ZeroGradientWatch(Callback):
+    """Count optimizer steps whose gradient is exactly zero (or missing) and say so.
+
+    A learning rate far too high can saturate the model in one step: every later gradient is zero,
+    the loss stays flat, and the run would otherwise finish "successfully" having learned nothing.
+    One fused norm per optimizer step (``torch.nn.utils.get_total_norm``); a warning at the first
+    zero step of each optimizer and a count at the end of training.
+    """
+
+    def __init__(self) -> None:
+        self.zero_steps: dict[int, int] = defaultdict(int)
+        self.steps: dict[int, int] = defaultdict(int)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer or getattr(o, "optimizer", None) is optimizer), 0)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm of every shard
+            norm = norm.full_tensor()
+        self.steps[index] += 1
+        if float(norm) != 0.0:
+            return
+        self.zero_steps[index] += 1
+        if self.zero_steps[index] == 1:
+            log.warning(
+                "step %d: the gradient of optimizer %d is zero (%s); the model is not learning from this batch. Usual "
+                "causes: a learning rate so high the model saturated, a frozen model, or a loss that does not depend on it",
+                trainer.global_step, index, "no parameter has a gradient" if not grads else "every gradient entry is 0",
+            )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for index, zeros in sorted(self.zero_steps.items()):
+            log.warning("optimizer %d had a zero gradient in %d of %d steps: this run did not train as configured",
+                        index, zeros, self.steps[index])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"zero_steps": dict(self.zero_steps), "steps": dict(self.steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.zero_steps = defaultdict(int, state_dict.get("zero_steps", {}))
+        self.steps = defaultdict(int, state_dict.get("steps", {}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,20 +618,54 @@ def log_per_group(module: LightningModule, prefix: str, values: torch.Tensor, gr
 # --------------------------------------------------------------------------------------------
 
 
-def export_hf(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLike[str], merge_lora: bool = True) -> Path:
+EXPORT_MARKER = "equilibrate_export.json"
+
+
+class ExportTargetError(ValueError):
+    """The export directory holds something we did not write (or is not a directory): nothing is touched."""
+
+
+def check_export_target(directory: str | os.PathLike[str]) -> Path:
+    """The absolute export path, or :class:`ExportTargetError` if writing there could destroy anything.
+
+    An export replaces its target whole, so the target must be missing, an empty directory, or an
+    earlier export (it holds :data:`EXPORT_MARKER`). Anything else (your files, the current
+    directory, a file) is refused before any work is done.
+    """
+    out = Path(directory).expanduser().absolute()
+    if not out.exists() and not out.is_symlink():
+        return out
+    if out.is_symlink() or not out.is_dir():
+        raise ExportTargetError(f"{directory}: exists and is not a directory; choose a new output directory")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise ExportTargetError(f"{directory}: is the current directory (or holds it); choose a new output directory")
+    if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ExportTargetError(
+            f"{directory}: not empty and not written by equilibrate export (no {EXPORT_MARKER}); an export replaces "
+            "its directory whole, so choose a new output directory or empty this one yourself"
+        )
+    return out
+
+
+def export_hf(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLike[str], merge_lora: bool = True,
+              info: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` and ``tokenizer`` as a Hugging Face directory (safetensors), atomically.
 
     With ``merge_lora`` a peft model is merged into a plain model on a COPY (the live model keeps
     training); without it only the adapter is written (``adapter_config.json`` +
     ``adapter_model.safetensors``), which ``load_causal_lm`` merges onto its base when loading.
-    The directory is written next to its final place and renamed, so a crash never leaves half of it.
+
+    The directory is written beside its final place and renamed into it, so a crash never leaves
+    half of it. An existing target is only replaced when :func:`check_export_target` allows it
+    (missing, empty, or an earlier export, marked by :data:`EXPORT_MARKER`, which holds ``info``).
     """
     import copy
     import shutil
 
     from peft import PeftModel
 
-    out = Path(directory)
+    out = check_export_target(directory)
     if isinstance(model, PeftModel) and merge_lora:
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
             raise ValueError(
@@ -563,17 +674,33 @@ def export_hf(model: torch.nn.Module, tokenizer: Any, directory: str | os.PathLi
             )
         model = copy.deepcopy(model).merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = temporary_path(out)
+    tmp.mkdir()
+    old: Path | None = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic_write_json(tmp / EXPORT_MARKER, {"written_by": "equilibrate export", "format": 1, "merge_lora": merge_lora,
+                                                **dict(info or {})})
+        check_export_target(out)  # again: the directory may have changed while the model was written
+        if out.exists() and any(out.iterdir()):
+            # Our previous export: moved aside (a temporary name, cleaned like any other), then replaced.
+            old = temporary_path(out)
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)  # onto a missing or empty directory: one rename
+        except BaseException:
+            if old is not None:  # put the previous export back
+                os.replace(old, out)
+                old = None
+            raise
+        fsync_directory(out.parent)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return out
 
 
