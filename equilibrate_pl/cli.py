@@ -12,6 +12,7 @@ import sys
 
 # sub-command -> "module:function"; the function takes the remaining argv and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("equilibrate_pl.commands.data:main", "list, locate and download the public datasets (XSTest, ...)"),
     "sft": ("equilibrate_pl.commands.train:sft", "supervised fine-tuning (LightningCLI)"),
     "rm": ("equilibrate_pl.commands.train:rm", "reward model (LightningCLI)"),
     "dpo": ("equilibrate_pl.commands.train:dpo", "DPO / ADPO (LightningCLI)"),
