@@ -8,7 +8,9 @@ only when asked for, so `equilibrate categorize` does not pay for importing Ligh
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+import warnings
 
 # sub-command -> "module:function"; the function takes the remaining argv and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,6 +26,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("equilibrate_pl.commands.evaluate:main", "generate, judge and report"),
     "quickstart": ("equilibrate_pl.commands.quickstart:main", "the whole pipeline on the built-in tiny default"),
 }
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+_LIGHTNING_ADVERT = _DropMessages("💡 Tip:")
+
+
+def quiet_known_noise() -> None:
+    """Silence third-party messages that alarm or distract without informing (each one explained)."""
+    # Lightning advertises its cloud logger every time a Trainer is built.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LIGHTNING_ADVERT)
+    # PolicyModule optimizes manually; ModelCheckpoint(every_n_train_steps) then warns, with a code
+    # sample, that the checkpoint holds the weights AFTER the step's update: what a resumed run needs.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+    # bitsandbytes logs at import that the optional `kernels` package is missing and falls back to its
+    # own CPU kernels (4-bit runs work either way).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _usage() -> str:
@@ -42,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"equilibrate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    quiet_known_noise()
     target, _ = COMMANDS[name]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
