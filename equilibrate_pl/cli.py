@@ -47,6 +47,9 @@ def quiet_known_noise() -> None:
     # PolicyModule optimizes manually; ModelCheckpoint(every_n_train_steps) then warns, with a code
     # sample, that the checkpoint holds the weights AFTER the step's update: what a resumed run needs.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+    # The reward model and the reference are frozen in eval mode on purpose (no dropout, no grads);
+    # Lightning counts them as "modules in eval mode at the start of training".
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # bitsandbytes logs at import that the optional `kernels` package is missing and falls back to its
     # own CPU kernels (4-bit runs work either way).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

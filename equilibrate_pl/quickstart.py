@@ -156,26 +156,6 @@ def recipe_overrides(recipe: Mapping[str, Any], settings: QuickstartSettings, na
     return out + list(settings.overrides.get("*", [])) + list(settings.overrides.get(name, []))
 
 
-def _progress_callback(name: str, say: Callable[[str], None]) -> Any:
-    from lightning.pytorch import Callback
-
-    class ProgressLines(Callback):
-        """One line every ~10% of the steps: a stage of several minutes is not silent."""
-
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.start, self.every = time.perf_counter(), max(1, trainer.max_steps // 10)
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            step = trainer.global_step
-            if step and (step % self.every == 0 or step == trainer.max_steps) and step != getattr(self, "_shown", None):
-                self._shown = step
-                loss = trainer.callback_metrics.get("train/loss")
-                shown = f", train/loss {float(loss):.3f}" if loss is not None else ""
-                say(f"[quickstart] {name}: step {step}/{trainer.max_steps}{shown} ({time.perf_counter() - self.start:.0f}s)")
-
-    return ProgressLines()
-
-
 def train_recipe(recipe: str, settings: QuickstartSettings, say: Callable[[str], None] = print, *,
                  name: str | None = None, extra: Sequence[str] = ()) -> Path:
     """Fit ``configs/quickstart/<recipe>.yaml`` with this run's overrides (then ``extra``), and export
@@ -192,7 +172,9 @@ def train_recipe(recipe: str, settings: QuickstartSettings, say: Callable[[str],
     options = recipe_overrides(parsed, settings, recipe)
     if name != recipe and "trainer.logger.init_args.name" in dict(_leaves(parsed)):
         options += ["--trainer.logger.init_args.name", name]
-    callbacks = [_progress_callback(name, say)] if settings.progress else []
+    from equilibrate_pl.commands.progress import ProgressLines
+
+    callbacks = [ProgressLines(name, say)] if settings.progress else []
     # The quickstart exports the model itself: no "checkpoint: ... export it" lines per stage.
     cli = fit_recipe(stage, config, [*options, *extra], callbacks=callbacks, announce=False)
     out = Path(settings.output_dir) / name

@@ -161,7 +161,7 @@ def how_to_make(path: str) -> str:
     return "train and export that model first, or give a hub id / builtin:tiny"
 
 
-def check_model_paths(stage: str, init_args: Any) -> None:
+def check_model_paths(init_args: Any) -> None:
     """Raise :class:`RecipeError` for the first local model path that does not exist."""
     for key, path in _model_paths(init_args):
         if _looks_local(path) and not Path(path).expanduser().exists():
@@ -176,23 +176,6 @@ def _shown_path(path: str) -> str:
     """``path`` relative to the working directory when it lies under it (what the user typed)."""
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
-
-
-def _progress_bar() -> Any:
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    class StepProgressBar(TQDMProgressBar):
-        """TQDM bar that also shows ``step k/max_steps`` (a run is sized in steps, not epochs; the
-        default rich bar then reads "Epoch 7/-2")."""
-
-        def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
-            metrics = super().get_metrics(trainer, pl_module)
-            metrics.pop("v_num", None)
-            if trainer.max_steps and trainer.max_steps > 0:
-                metrics = {"step": f"{trainer.global_step}/{trainer.max_steps}", **metrics}
-            return metrics
-
-    return StepProgressBar()
 
 
 def _cli_class() -> type:
@@ -226,7 +209,7 @@ def _cli_class() -> type:
             subcommand = self.config.get("subcommand")
             config = self.config[subcommand] if subcommand else self.config
             init_args = config.model.get("init_args") if config.model is not None else None
-            check_model_paths(self._stage, init_args.as_dict() if hasattr(init_args, "as_dict") else init_args or {})
+            check_model_paths(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args or {})
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
             from lightning.pytorch.callbacks import ProgressBar
@@ -242,7 +225,9 @@ def _cli_class() -> type:
             if not any(isinstance(c, RNGStateCallback) for c in given_callbacks):
                 callbacks.append(RNGStateCallback())
             if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given_callbacks):
-                callbacks.append(_progress_bar())
+                from equilibrate_pl.commands.progress import StepProgressBar
+
+                callbacks.append(StepProgressBar())
             return super()._instantiate_trainer(config, callbacks)
 
         def after_fit(self) -> None:
