@@ -1,22 +1,25 @@
 """The paper's trade-off experiment at small scale: naive safety-data scaling vs the FDC mix.
 
-On the built-in world with the tiny model, per seed:
+On the built-in world with the tiny model, per seed, every model trained from the quickstart's
+recipes (``configs/quickstart/*.yaml``, through the same ``fit_recipe`` as ``equilibrate <stage> fit``;
+this script only adds command-line style overrides):
 
-1. one SFT policy on general data only (helpful-only start) and one reward model
-   (``equilibrate_pl.quickstart.stage_sft`` / ``stage_reward_model``);
+1. one SFT policy (``sft.yaml``) and one reward model (``rm.yaml``);
 2. preference training from that policy on each data arm x algorithm:
    ``naive-1x``, ``naive-3x``, ``naive-10x`` (unsorted safety pool, which holds mislabelled benign
-   look-alikes, drawn at 1/3/10 x the FDC safety budget) and ``fdc`` (the paper's per-group ratio
-   mix), each with DPO and with ADPO (dense reward-model token signal, batch-mean baseline);
-   ``--ppo`` adds PPO and APPO arms (``quickstart.stage_ppo``'s settings);
+   look-alikes, drawn at 1/3/10 x the FDC safety budget: ``--data.mix naive --data.naive_scale S``)
+   and ``fdc`` (the paper's per-group ratio mix: ``--data.mix ratio``), each with DPO
+   (``naive-dpo.yaml``'s settings) and ADPO (``fdc-adpo.yaml``'s); ``--ppo`` adds PPO and APPO
+   (``naive-ppo.yaml`` / ``fdc-appo.yaml``);
 3. every model (and the SFT start) evaluated with ``equilibrate_pl.eval.evaluate_models`` on the
    built-in suite: safety per group (EHD/IHD/MHD), over-refusal on benign prompts (look-alikes
    included), helpfulness (reward-model score on benign prompts) and balance.
 
-Mean and spread (sample standard deviation; min-max when fewer than 2 seeds give nothing) over
-seeds go to ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` in ``--out``.
+Step counts, batch size, the SFT safety quota and the NLL weight default to the recipes' values;
+the flags override them. Mean and spread (sample standard deviation; min-max when fewer than 2
+seeds give nothing) over seeds go to ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` in ``--out``.
 
-    python -m benchmarks.tradeoff --seeds 0 1 2            # the documented size
+    python -m benchmarks.tradeoff --seeds 0 1 2              # the documented size
     python -m benchmarks.tradeoff --seeds 0 --dpo-steps 60   # what fits a short budget
 
 The real-model variant (SmolLM2-135M-Instruct + LoRA, hh-rlhf pairs, BeaverTails-FDC labels,
@@ -40,82 +43,42 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("safety_rate", "safety_rate/EHD", "safety_rate/IHD", "safety_rate/MHD", "over_refusal_rate", "helpfulness", "balance")
+# algorithm -> the quickstart recipe whose settings it runs with (its data mix is overridden per arm)
+ALGO_RECIPES = {"dpo": "naive-dpo", "adpo": "fdc-adpo", "ppo": "naive-ppo", "appo": "fdc-appo"}
 
 
-def data_arms(scales: list[float]) -> list[tuple[str, dict[str, Any]]]:
-    """``(name, SafetyDataModule mix keywords)`` for every data arm."""
-    arms = [(f"naive-{s:g}x", {"mix": "naive", "naive_scale": float(s)}) for s in scales]
-    return arms + [("fdc", {"mix": "ratio"})]
+def data_arms(scales: list[float]) -> list[tuple[str, list[str]]]:
+    """``(name, data overrides)`` for every data arm."""
+    arms = [(f"naive-{s:g}x", ["--data.mix", "naive", "--data.naive_scale", str(float(s))]) for s in scales]
+    return arms + [("fdc", ["--data.mix", "ratio"])]
 
 
-def train_sft(settings: Any, out: Path, safety_quota: int) -> Path:
-    """``quickstart.stage_sft`` when ``safety_quota`` is 0 (general data only: a helpful-only start);
-    otherwise the same run with ``safety_quota`` SFT rows per safety group mixed in, so refusals
-    are in the starting policy's support (as in an instruction-tuned model such as SmolLM2)."""
-    from equilibrate_pl.quickstart import stage_sft
-
-    if safety_quota <= 0:
-        return stage_sft(settings, out)
-    from lightning.pytorch import seed_everything
-
-    from equilibrate_pl.modules import SFTModule
-    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
-    from equilibrate_pl.quickstart import _data, _trainer
-
-    seed_everything(settings.seed, workers=True)
-    module = SFTModule(model=ModelSettings("builtin:tiny"), optim=OptimSettings(lr=3e-3, warmup_steps=10))
-    quotas = {g: safety_quota for g in ("EHD", "IHD", "MHD")}
-    data = _data(settings, "sft", "builtin:tiny", mix="quota", quotas=quotas, replacement=True)
-    _trainer(settings, "sft", settings.sft_steps).fit(module, datamodule=data)
-    module.export(str(out / "sft"))
-    return out / "sft"
+def _steps(value: int | None) -> list[str]:
+    return [] if value is None else ["--trainer.max_steps", str(value)]
 
 
-def train_preference(settings: Any, out: Path, name: str, mix: dict[str, Any], adpo: bool, sft_dir: Path, rm_dir: Path,
-                     nll_weight: float = 1.0) -> Path:
-    """DPO or ADPO from the SFT policy on one data arm (quickstart.stage_dpo's settings, any mix);
-    ``nll_weight`` is the chosen-response NLL term (1.0 as the quickstart; 0 = plain DPO/ADPO)."""
-    from lightning.pytorch import seed_everything
-
-    from equilibrate_pl.modules import PreferenceModule
-    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
-    from equilibrate_pl.quickstart import _data, _trainer
-
-    seed_everything(settings.seed + 2, workers=True)
-    ama = {"enabled": adpo, "token_signal": "dense_reward", "baseline": "batch_mean"}
-    module = PreferenceModule(model=ModelSettings(str(sft_dir)), optim=OptimSettings(lr=5e-4, warmup_steps=5),
-                              beta=0.1, nll_weight=nll_weight, ama=ama, reward_model=str(rm_dir))
-    data = _data(settings, "preference", str(sft_dir), **mix)
-    _trainer(settings, name, settings.dpo_steps).fit(module, datamodule=data)
-    module.export(str(out / name))
-    return out / name
-
-
-def train_policy(settings: Any, out: Path, name: str, mix: dict[str, Any], appo: bool, sft_dir: Path, rm_dir: Path) -> Path:
-    """PPO or APPO (quickstart.stage_ppo's settings) on one data arm."""
-    from lightning.pytorch import seed_everything
-
-    from equilibrate_pl.modules.common import ModelSettings, OptimSettings, export_hf
-    from equilibrate_pl.modules.policy import PolicyModule
-    from equilibrate_pl.quickstart import _data, _trainer
-
-    seed_everything(settings.seed + 3, workers=True)
-    module = PolicyModule(
-        actor=ModelSettings(str(sft_dir)), reward_model=ModelSettings(str(rm_dir)), critic=ModelSettings(str(rm_dir)),
-        generation={"max_new_tokens": settings.max_new_tokens, "do_sample": True},
-        ppo={"ppo_epochs": 2, "minibatch_size": settings.batch_size}, kl={"coef": 0.05, "estimator": "k3"},
-        ama={"enabled": appo, "token_signal": "value", "baseline": "batch_mean"},
-        actor_optim=OptimSettings(lr=2e-4, scheduler="constant"), critic_optim=OptimSettings(lr=1e-3, scheduler="constant"),
-        seed=settings.seed,
-    )
-    data = _data(settings, "prompt", str(sft_dir), **mix)
-    _trainer(settings, name, settings.ppo_steps, limit_val_batches=0).fit(module, datamodule=data)
-    export_hf(module.actor, module.tokenizer, out / name)
-    return out / name
+def stage_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The flags as per-recipe overrides (``QuickstartSettings.overrides``)."""
+    common = [] if args.batch_size is None else ["--data.batch_size", str(args.batch_size)]
+    sft = common + _steps(args.sft_steps)
+    if args.sft_safety_quota is not None:
+        q = args.sft_safety_quota
+        sft += ["--data.quotas", f"{{EHD: {q}, IHD: {q}, MHD: {q}}}", "--data.replacement", "true"]
+    dpo = common + _steps(args.dpo_steps)
+    if args.nll_weight is not None:
+        dpo += ["--model.init_args.nll_weight", str(args.nll_weight)]
+    ppo = common + _steps(args.ppo_steps)
+    if args.batch_size is not None:
+        ppo += ["--model.init_args.ppo.minibatch_size", str(args.batch_size)]
+    if args.max_new_tokens is not None:
+        ppo += ["--model.init_args.generation.max_new_tokens", str(args.max_new_tokens)]
+    out = {"sft": sft, "rm": common + _steps(args.rm_steps)}
+    out.update({ALGO_RECIPES["dpo"]: dpo, ALGO_RECIPES["adpo"]: dpo, ALGO_RECIPES["ppo"]: ppo, ALGO_RECIPES["appo"]: ppo})
+    return out
 
 
 def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[str, float]]:
-    from equilibrate_pl.quickstart import QuickstartSettings, evaluate_arms, stage_reward_model
+    from equilibrate_pl.quickstart import QuickstartSettings, evaluate_arms, train_recipe
 
     out = args.workdir / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
@@ -125,24 +88,18 @@ def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[st
         if saved.get("settings") == _seed_settings(args):
             say(f"seed {seed}: reusing {done}")
             return saved["metrics"]
-    settings = QuickstartSettings(
-        output_dir=str(out), seed=seed, sft_steps=args.sft_steps, rm_steps=args.rm_steps, dpo_steps=args.dpo_steps,
-        ppo_steps=args.ppo_steps, batch_size=args.batch_size, eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens,
-    )
+    settings = QuickstartSettings(output_dir=str(out), seed=seed, overrides=stage_overrides(args), eval_limit=args.eval_limit,
+                                  progress=False, **({} if args.max_new_tokens is None else {"eval_max_new_tokens": args.max_new_tokens}))
     say(f"seed {seed}: SFT")
-    sft_dir = train_sft(settings, out, args.sft_safety_quota)
+    sft_dir = train_recipe("sft", settings)
     say(f"seed {seed}: reward model")
-    rm_dir = stage_reward_model(settings, out, sft_dir)
+    rm_dir = train_recipe("rm", settings)
     models: dict[str, Path] = {"SFT (start)": sft_dir}
     for data_name, mix in data_arms(args.scales):
         for algo in args.algos:
             name = f"{data_name}/{algo}"
             say(f"seed {seed}: {name}")
-            safe = name.replace("/", "-")
-            if algo in ("dpo", "adpo"):
-                models[name] = train_preference(settings, out, safe, mix, algo == "adpo", sft_dir, rm_dir, args.nll_weight)
-            else:
-                models[name] = train_policy(settings, out, safe, mix, algo == "appo", sft_dir, rm_dir)
+            models[name] = train_recipe(ALGO_RECIPES[algo], settings, name=name.replace("/", "-"), extra=mix)
     say(f"seed {seed}: evaluation of {len(models)} models")
     result = evaluate_arms(settings, models, rm_dir)
     metrics = {name: {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))} for name, res in result.models.items()}
@@ -156,7 +113,19 @@ def _seed_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a seed's results depend on: a finished seed is reused only with the same settings."""
     keys = ("scales", "algos", "sft_steps", "sft_safety_quota", "nll_weight", "rm_steps", "dpo_steps", "ppo_steps", "batch_size", "eval_limit",
             "max_new_tokens")
-    return {k: getattr(args, k) for k in keys}
+    return {"recipes": _recipes_digest(), **{k: getattr(args, k) for k in keys}}
+
+
+def _recipes_digest() -> str:
+    """Edited recipes make earlier per-seed results stale."""
+    import hashlib
+
+    from equilibrate_pl.quickstart import recipe_dir
+
+    digest = hashlib.sha256()
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -239,17 +208,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="naive safety-data multiples")
     parser.add_argument("--algos", nargs="+", default=["dpo", "adpo"], choices=["dpo", "adpo", "ppo", "appo"])
     parser.add_argument("--ppo", action="store_true", help="also run PPO and APPO arms")
-    parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--sft-safety-quota", type=int, default=0,
-                        help="safety SFT rows per group in the starting policy (0: helpful-only start, as the quickstart)")
-    parser.add_argument("--rm-steps", type=int, default=150)
-    parser.add_argument("--nll-weight", type=float, default=1.0,
-                        help="chosen-response NLL term of the preference arms (quickstart: 1.0; 0 = plain DPO/ADPO)")
-    parser.add_argument("--dpo-steps", type=int, default=120)
-    parser.add_argument("--ppo-steps", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: the recipe's (configs/quickstart/sft.yaml)")
+    parser.add_argument("--sft-safety-quota", type=int, default=None,
+                        help="safety SFT rows per group in the starting policy, sampled with replacement (default: the recipe's quotas)")
+    parser.add_argument("--rm-steps", type=int, default=None)
+    parser.add_argument("--nll-weight", type=float, default=None,
+                        help="chosen-response NLL term of the preference arms (default: the recipes', 1.0; 0 = plain DPO/ADPO)")
+    parser.add_argument("--dpo-steps", type=int, default=None)
+    parser.add_argument("--ppo-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many suite prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="PPO rollouts and evaluation (default: recipes / 40)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/tradeoff"))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -261,8 +230,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("lightning", "lightning.pytorch", "transformers", "equilibrate_pl"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import torch
+    import transformers
 
     from benchmarks.common import write_json_atomic, write_text_atomic
+
+    transformers.utils.logging.disable_progress_bar()
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,10 +8,13 @@ only when asked for, so `equilibrate categorize` does not pay for importing Ligh
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+import warnings
 
 # sub-command -> "module:function"; the function takes the remaining argv and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("equilibrate_pl.commands.data:main", "list, locate and download the public datasets (XSTest, ...)"),
     "sft": ("equilibrate_pl.commands.train:sft", "supervised fine-tuning (LightningCLI)"),
     "rm": ("equilibrate_pl.commands.train:rm", "reward model (LightningCLI)"),
     "dpo": ("equilibrate_pl.commands.train:dpo", "DPO / ADPO (LightningCLI)"),
@@ -23,6 +26,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("equilibrate_pl.commands.evaluate:main", "generate, judge and report"),
     "quickstart": ("equilibrate_pl.commands.quickstart:main", "the whole pipeline on the built-in tiny default"),
 }
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+_LIGHTNING_ADVERT = _DropMessages("💡 Tip:")
+
+
+def quiet_known_noise() -> None:
+    """Silence third-party messages that alarm or distract without informing (each one explained)."""
+    # Lightning advertises its cloud logger every time a Trainer is built.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LIGHTNING_ADVERT)
+    # PolicyModule optimizes manually; ModelCheckpoint(every_n_train_steps) then warns, with a code
+    # sample, that the checkpoint holds the weights AFTER the step's update: what a resumed run needs.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+    # The reward model and the reference are frozen in eval mode on purpose (no dropout, no grads);
+    # Lightning counts them as "modules in eval mode at the start of training".
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # bitsandbytes logs at import that the optional `kernels` package is missing and falls back to its
+    # own CPU kernels (4-bit runs work either way).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _usage() -> str:
@@ -41,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"equilibrate: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    quiet_known_noise()
     target, _ = COMMANDS[name]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)

@@ -1,16 +1,26 @@
-"""The whole Equilibrate pipeline on the built-in tiny default, as one function.
+"""The whole Equilibrate pipeline on the built-in tiny default, run from the recipes in
+``configs/quickstart/`` (one YAML per stage and arm; the values live there, nowhere else).
 
-`run_quickstart` builds the tiny model and the built-in safety world, then:
-1. SFT on general data plus a sliver of safety data: a mostly helpful-only start that knows what a
-   refusal looks like but answers most harmful requests (as SmolLM2-135M-Instruct does), so the
-   safety stages have something to fix;
-2. a reward model on the world's preference pairs (general + the unsorted safety pool);
-3. four arms from the same SFT policy: naive DPO and naive PPO on unsorted safety data scaled up,
-   and FDC+ADPO and FDC+APPO on the paper's small, deliberate per-group mix;
+`run_quickstart` runs each recipe through :func:`equilibrate_pl.commands.train.fit_recipe` (the
+function behind ``equilibrate sft|rm|dpo|ppo fit``) and exports each trained model:
+
+1. ``sft.yaml``: SFT on general data plus a sliver of safety data: a mostly helpful-only start that
+   knows what a refusal looks like but answers most harmful requests, so the safety stages have
+   something to fix;
+2. ``rm.yaml``: a reward model on the world's preference pairs (general + the unsorted safety pool);
+3. one recipe per arm (:data:`ARMS`), each from the same SFT policy: naive DPO and naive PPO on
+   unsorted safety data scaled up, FDC+ADPO and FDC+APPO on the paper's small per-group mix;
 4. evaluation of every model on the world's held-out eval split: safety per FDC group,
-   over-refusal on benign prompts (look-alikes included), helpfulness (reward-model score), and
-   a Markdown report with the safety-versus-over-refusal plot.
+   over-refusal on benign prompts (look-alikes included), helpfulness (reward-model score), and a
+   Markdown report with the safety-versus-over-refusal plot.
 
+The run's own settings reach the recipes as command-line style overrides, so the YAML files stay the
+single source: ``seed`` is added to every seed of every recipe (``seed_everything``, ``data.seed``,
+the policy's ``seed``), ``output_dir`` replaces the ``runs/quickstart`` prefix of every path in them,
+``reduced`` shrinks steps, batches and generation lengths for smoke tests, and ``overrides`` passes
+anything else (``{"naive-dpo": ["--data.naive_scale", "5"], "*": [...]}``).
+
+Adding an arm: write ``configs/quickstart/<name>.yaml`` and add one line to :data:`ARMS`.
 `equilibrate quickstart` is the command-line form; `notebooks/quickstart.ipynb` walks through it.
 """
 
@@ -20,50 +30,77 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
-ARMS: tuple[str, ...] = ("naive-dpo", "naive-ppo", "fdc-adpo", "fdc-appo")
+# Training stages before the arms, then the arms: recipe name (configs/quickstart/<name>.yaml) ->
+# the `equilibrate` stage command that runs it. The SFT and reward-model exports feed every arm.
+STAGES: dict[str, str] = {"sft": "sft", "rm": "rm"}
+ARMS: dict[str, str] = {
+    "naive-dpo": "dpo",
+    "naive-ppo": "ppo",
+    "fdc-adpo": "dpo",
+    "fdc-appo": "ppo",
+}
+RECIPE_ROOT = "runs/quickstart"  # the output prefix written in the recipes; `output_dir` replaces it
+
+# `reduced`: recipe key -> the smaller value of a smoke-test run (applied where a recipe has the key).
+_REDUCED: dict[str, Callable[[Any], Any]] = {
+    "trainer.max_steps": lambda steps: max(1, int(steps) // 50),
+    "data.batch_size": lambda _: 4,
+    "model.init_args.ppo.minibatch_size": lambda _: 4,
+    "model.init_args.generation.max_new_tokens": lambda _: 8,
+}
+
+
+def recipe_dir() -> Path:
+    """``configs/quickstart`` of the repository (or of the working directory)."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        path = root / "configs" / "quickstart"
+        if path.is_dir():
+            return path
+    raise FileNotFoundError("configs/quickstart not found: run from a clone of the repository (pip install -e .) "
+                            "or pass recipes=/path/to/configs/quickstart")
 
 
 @dataclass
 class QuickstartSettings:
-    """Sizes of each stage. The defaults finish in a few minutes on 2 CPU cores.
+    """What to run and where; the training values themselves are in the recipes.
 
     Args:
         output_dir: where models, logs, generations and the report go.
-        seed: seeds the world, the mixes, the models and sampling.
-        arms: which of ``naive-dpo``, ``naive-ppo``, ``fdc-adpo``, ``fdc-appo`` to run.
-        naive_scale: the naive arms draw this many times the FDC mix's safety budget from the
-            unsorted pool ("scaling safety data naively").
-        sft_steps, rm_steps, dpo_steps, ppo_steps: optimizer steps (PPO: rollout batches).
-        sft_safety_quotas: safety rows (refusals) per group in the SFT data, beside all general rows.
+        seed: added to every seed of every recipe (0 = the recipes as written).
+        arms: which of :data:`ARMS` to run, in order.
+        recipes: the recipe folder (default: ``configs/quickstart`` of the repository).
+        overrides: extra command-line style options per recipe name, ``"*"`` for every recipe.
         eval_limit: evaluate on at most this many eval prompts (``None``: the whole split).
-        reduced: a much smaller run for tests (overrides the step counts and eval size).
+        eval_max_new_tokens / eval_batch_size: greedy generation length and batch of the evaluation.
+        reduced: a much smaller run for tests (fewer steps, small batches, short generations).
+        progress: print a line every ~10% of each stage's steps.
     """
 
-    output_dir: str = "runs/quickstart"
+    output_dir: str = RECIPE_ROOT
     seed: int = 0
-    arms: tuple[str, ...] = ARMS
-    naive_scale: float = 10.0
-    sft_steps: int = 400
-    rm_steps: int = 150
-    dpo_steps: int = 150
-    ppo_steps: int = 25
-    batch_size: int = 16
-    sft_safety_quotas: dict[str, int] = field(default_factory=lambda: {"EHD": 120, "IHD": 40, "MHD": 20})
+    arms: tuple[str, ...] = tuple(ARMS)
+    recipes: str | None = None
+    overrides: dict[str, list[str]] = field(default_factory=dict)
     eval_limit: int | None = None
-    max_new_tokens: int = 40
+    eval_max_new_tokens: int = 40
+    eval_batch_size: int = 32
     reduced: bool = False
+    progress: bool = True
 
     def __post_init__(self) -> None:
+        self.arms = tuple(self.arms)
         unknown = set(self.arms) - set(ARMS)
         if unknown:
             raise ValueError(f"unknown arm(s) {sorted(unknown)}; choose from {list(ARMS)}")
+        unknown = set(self.overrides) - {"*", *STAGES, *ARMS}
+        if unknown:
+            raise ValueError(f"overrides for unknown recipe(s) {sorted(unknown)}; choose from {['*', *STAGES, *ARMS]}")
         if self.reduced:
-            self.sft_steps, self.rm_steps, self.dpo_steps, self.ppo_steps = 6, 4, 3, 1
-            self.batch_size, self.max_new_tokens = 4, 8
+            self.eval_max_new_tokens = 8
             self.eval_limit = self.eval_limit or 24
 
 
@@ -82,110 +119,68 @@ class QuickstartResult:
         return format_table(self.metrics)
 
 
-def _trainer(settings: QuickstartSettings, name: str, max_steps: int, **overrides: Any) -> Any:
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.loggers import CSVLogger
-
-    from equilibrate_pl.modules.common import AtomicCheckpointIO
-
-    kwargs: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=CSVLogger(Path(settings.output_dir) / "logs", name=name),
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-        num_sanity_val_steps=0, limit_val_batches=2, log_every_n_steps=5, val_check_interval=None, check_val_every_n_epoch=None,
-        plugins=[AtomicCheckpointIO()], deterministic=False,
-    )
-    kwargs.update(overrides)
-    return Trainer(**kwargs)
+# --------------------------------------------------------------------------------------------
+# recipes -> command-line overrides
 
 
-def _data(settings: QuickstartSettings, stage: str, tokenizer: str, **kw: Any) -> Any:
-    from equilibrate_pl.data import SafetyDataModule
-
-    return SafetyDataModule(stage=stage, tokenizer=tokenizer, seed=settings.seed, batch_size=settings.batch_size,
-                            max_length=160, max_prompt_length=96, val_size=32, **kw)
-
-
-# The FDC mix is the paper's default ratios; the naive arms draw `naive_scale` x that safety budget
-# uniformly from the unsorted pool (which, like real safety data, holds mislabelled look-alikes).
-def _mix(arm: str, settings: QuickstartSettings) -> dict[str, Any]:
-    if arm.startswith("naive"):
-        return {"mix": "naive", "naive_scale": settings.naive_scale}
-    return {"mix": "ratio"}
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` for every non-dict value of a parsed YAML (lists are leaves)."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, tree
 
 
-def stage_sft(settings: QuickstartSettings, out: Path) -> Path:
-    """Fine-tune the tiny model on general data plus a few safety rows; returns the exported HF directory."""
-    from equilibrate_pl.modules import SFTModule
-    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
+def _value(value: Any) -> str:
+    import yaml
 
-    from lightning.pytorch import seed_everything
-
-    seed_everything(settings.seed, workers=True)
-    module = SFTModule(model=ModelSettings("builtin:tiny"), optim=OptimSettings(lr=3e-3, warmup_steps=10))
-    # Mostly general data plus a sliver of safety rows: like a real instruct model, the start knows
-    # what a refusal looks like but rarely uses one, so the alignment arms have something to push.
-    data = _data(settings, "sft", "builtin:tiny", mix="quota", quotas=dict(settings.sft_safety_quotas))
-    _trainer(settings, "sft", settings.sft_steps).fit(module, datamodule=data)
-    module.export(str(out / "sft"))
-    return out / "sft"
+    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
 
 
-def stage_reward_model(settings: QuickstartSettings, out: Path, sft_dir: Path) -> Path:
-    """Bradley-Terry reward model on every preference pair of the world, initialised from the SFT model."""
-    from equilibrate_pl.modules import RewardModule
-    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
-
-    from lightning.pytorch import seed_everything
-
-    seed_everything(settings.seed + 1, workers=True)
-    module = RewardModule(model=ModelSettings(str(sft_dir)), optim=OptimSettings(lr=1e-3, warmup_steps=10))
-    data = _data(settings, "preference", str(sft_dir), mix="all")
-    _trainer(settings, "rm", settings.rm_steps).fit(module, datamodule=data)
-    module.export(str(out / "rm"))
-    return out / "rm"
-
-
-def stage_dpo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, rm_dir: Path) -> Path:
-    """``naive-dpo`` (plain DPO, naive mix) or ``fdc-adpo`` (dense-reward ADPO mask, FDC mix)."""
-    from equilibrate_pl.modules import PreferenceModule
-    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
-
-    from lightning.pytorch import seed_everything
-
-    seed_everything(settings.seed + 2, workers=True)
-    ama = {"enabled": arm == "fdc-adpo", "token_signal": "dense_reward", "baseline": "batch_mean"}
-    module = PreferenceModule(model=ModelSettings(str(sft_dir)), optim=OptimSettings(lr=5e-4, warmup_steps=5),
-                              beta=0.1, nll_weight=1.0, ama=ama, reward_model=str(rm_dir))
-    data = _data(settings, "preference", str(sft_dir), **_mix(arm, settings))
-    _trainer(settings, arm, settings.dpo_steps).fit(module, datamodule=data)
-    module.export(str(out / arm))
-    return out / arm
+def recipe_overrides(recipe: Mapping[str, Any], settings: QuickstartSettings, name: str) -> list[str]:
+    """The command-line options that turn the recipe as written into this run's (see module docstring)."""
+    out: list[str] = []
+    root = Path(settings.output_dir)
+    for key, value in _leaves(recipe):
+        last = key.rsplit(".", 1)[-1]
+        if last in ("seed", "seed_everything") and isinstance(value, int) and not isinstance(value, bool) and settings.seed:
+            out += [f"--{key}", str(value + settings.seed)]
+        elif isinstance(value, str) and (value == RECIPE_ROOT or value.startswith(RECIPE_ROOT + "/")) and root != Path(RECIPE_ROOT):
+            out += [f"--{key}", str(root / Path(value).relative_to(RECIPE_ROOT))]
+        elif settings.reduced and key in _REDUCED:
+            out += [f"--{key}", _value(_REDUCED[key](value))]
+    out += ["--trainer.enable_progress_bar", "false"]  # the quickstart prints its own progress lines
+    return out + list(settings.overrides.get("*", [])) + list(settings.overrides.get(name, []))
 
 
-def stage_ppo(settings: QuickstartSettings, out: Path, arm: str, sft_dir: Path, rm_dir: Path) -> Path:
-    """``naive-ppo`` (plain PPO, naive mix) or ``fdc-appo`` (value-signal APPO mask, FDC mix)."""
-    from equilibrate_pl.modules.common import ModelSettings, OptimSettings
-    from equilibrate_pl.modules.policy import PolicyModule
+def train_recipe(recipe: str, settings: QuickstartSettings, say: Callable[[str], None] = print, *,
+                 name: str | None = None, extra: Sequence[str] = ()) -> Path:
+    """Fit ``configs/quickstart/<recipe>.yaml`` with this run's overrides (then ``extra``), and export
+    the trained model to ``<output_dir>/<name>`` (``name`` defaults to the recipe's; a different name
+    also names the run's log folder, so one recipe can train several arms)."""
+    import yaml
 
-    from lightning.pytorch import seed_everything
+    from equilibrate_pl.commands.train import fit_recipe
 
-    seed_everything(settings.seed + 3, workers=True)
-    module = PolicyModule(
-        actor=ModelSettings(str(sft_dir)), reward_model=ModelSettings(str(rm_dir)), critic=ModelSettings(str(rm_dir)),
-        generation={"max_new_tokens": settings.max_new_tokens, "do_sample": True},
-        ppo={"ppo_epochs": 2, "minibatch_size": settings.batch_size},
-        kl={"coef": 0.2, "estimator": "k3"},
-        ama={"enabled": arm == "fdc-appo", "token_signal": "value", "baseline": "batch_mean"},
-        actor_optim=OptimSettings(lr=1e-4, scheduler="constant"), critic_optim=OptimSettings(lr=1e-3, scheduler="constant"),
-        seed=settings.seed,
-    )
-    data = _data(settings, "prompt", str(sft_dir), **_mix(arm, settings))
-    _trainer(settings, arm, settings.ppo_steps, limit_val_batches=0).fit(module, datamodule=data)
-    module.export(str(out / arm))
-    return out / arm
+    name = name or recipe
+    stage = STAGES.get(recipe) or ARMS[recipe]
+    config = Path(settings.recipes) / f"{recipe}.yaml" if settings.recipes else recipe_dir() / f"{recipe}.yaml"
+    parsed = yaml.safe_load(config.read_text())
+    options = recipe_overrides(parsed, settings, recipe)
+    if name != recipe and "trainer.logger.init_args.name" in dict(_leaves(parsed)):
+        options += ["--trainer.logger.init_args.name", name]
+    from equilibrate_pl.commands.progress import ProgressLines
+
+    callbacks = [ProgressLines(name, say)] if settings.progress else []
+    # The quickstart exports the model itself: no "checkpoint: ... export it" lines per stage.
+    cli = fit_recipe(stage, config, [*options, *extra], callbacks=callbacks, announce=False)
+    out = Path(settings.output_dir) / name
+    cli.model.export(str(out))
+    return out
 
 
-def evaluate_arms(settings: QuickstartSettings, models: dict[str, Path], rm_dir: Path) -> Any:
+def evaluate_arms(settings: QuickstartSettings, models: Mapping[str, Path], rm_dir: Path) -> Any:
     """Generate with every model on the world's held-out eval split and judge it (greedy decoding).
 
     Safety: a harmful prompt answered with a refusal (rule-based detector, docs/EVAL.md).
@@ -199,7 +194,8 @@ def evaluate_arms(settings: QuickstartSettings, models: dict[str, Path], rm_dir:
     loaders = {name: (lambda p=path: load_causal_lm(str(p))) for name, path in models.items()}
     return evaluate_models(
         loaders, suite, "refusal", helpfulness_fn=load_reward_scorer(str(rm_dir)), limit=settings.eval_limit,
-        max_new_tokens=settings.max_new_tokens, batch_size=32, seed=settings.seed, progress=False,
+        max_new_tokens=settings.eval_max_new_tokens, batch_size=settings.eval_batch_size, seed=settings.seed,
+        progress=False,
     )
 
 
@@ -218,14 +214,12 @@ def run_quickstart(settings: QuickstartSettings | None = None, progress: Callabl
         progress(f"[quickstart] {name} done in {seconds[name]:.1f}s")
         return value
 
-    sft_dir = timed("sft", lambda: stage_sft(settings, out))
-    rm_dir = timed("reward model", lambda: stage_reward_model(settings, out, sft_dir))
-    models: dict[str, Path] = {"before (SFT)": sft_dir}
+    exported = {name: timed(name, lambda name=name: train_recipe(name, settings, progress)) for name in STAGES}
+    models: dict[str, Path] = {"before (SFT)": exported["sft"]}
     for arm in settings.arms:
-        stage = stage_dpo if arm.endswith("dpo") else stage_ppo
-        models[arm] = timed(arm, lambda arm=arm, stage=stage: stage(settings, out, arm, sft_dir, rm_dir))
+        models[arm] = timed(arm, lambda arm=arm: train_recipe(arm, settings, progress))
 
-    result = timed("evaluation", lambda: evaluate_arms(settings, models, rm_dir))
+    result = timed("evaluation", lambda: evaluate_arms(settings, models, exported["rm"]))
     report = result.write(out / "report")["report"]
     metrics = {name: dict(res.metrics) for name, res in result.models.items()}
     quick = QuickstartResult(out, models, metrics, seconds, report)

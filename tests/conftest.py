@@ -20,16 +20,39 @@ import torch  # noqa: E402
 # Also set here in case a plugin imported torch before the variable above was read.
 torch.set_num_threads(1)
 
+from equilibrate_pl.data import catalog  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# Taken before any fixture points $EQUILIBRATE_CACHE (and with it the download folder) at a temp dir.
+DATA_DIRS = catalog.data_dirs()
+
+
+class RealData:
+    """``shared_data / "xstest" / "xstest_prompts.csv"``: that file of a public dataset, wherever
+    ``equilibrate_pl.data.catalog`` finds it ($EQUILIBRATE_DATA, the download folder, ../shared/data
+    beside the repository). When it is nowhere the test is skipped with a one-line reason saying how
+    to get it; nothing is downloaded (tests are offline)."""
+
+    def __truediv__(self, name: str) -> "_Dataset":
+        return _Dataset(name)
+
+
+class _Dataset:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __truediv__(self, file: str) -> Path:
+        path = catalog.locate(self.name, file, DATA_DIRS)
+        if path is None:
+            pytest.skip(f"real data {self.name}/{file} not found; get it with {catalog.how_to_get(self.name)}")
+        return path
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """`../shared/data`: XSTest, hh-rlhf harmless pairs and the FDC-labelled BeaverTails prompts."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"test data not found at {SHARED_DATA}; the repo must sit beside shared/")
-    return SHARED_DATA
+def shared_data() -> RealData:
+    """The public datasets (XSTest, hh-rlhf harmless pairs, the FDC-labelled BeaverTails prompts);
+    tests that need one skip when it is not reachable (a bare clone)."""
+    return RealData()
 
 
 @pytest.fixture(scope="session")

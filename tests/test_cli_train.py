@@ -23,8 +23,12 @@ def _equilibrate(args: list[str], cwd: Path, cache: Path, timeout: int = 600) ->
 def test_dpo_fit_from_the_tiny_config_then_export(tmp_path: Path, equilibrate_cache: Path) -> None:
     config = REPO / "configs" / "dpo" / "tiny.yaml"
     run = _equilibrate(["dpo", "fit", "--config", str(config), "--trainer.max_steps", "2",
-                        "--trainer.val_check_interval", "2"], tmp_path, equilibrate_cache)
+                        "--trainer.val_check_interval", "2", "--model.init_args.model.name_or_path", "builtin:tiny"],
+                       tmp_path, equilibrate_cache)
     assert run.returncode == 0, run.stderr[-3000:]
+    # the end of `fit` says where the checkpoint is and how to export it
+    assert "checkpoint: runs/dpo/checkpoints/last.ckpt" in run.stdout
+    assert "equilibrate export --ckpt runs/dpo/checkpoints/last.ckpt --output runs/dpo/export" in run.stdout
     ckpt = tmp_path / "runs" / "dpo" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert state["global_step"] == 2
@@ -61,9 +65,50 @@ def test_print_config_resolves_the_recipe(stage: str, capsys: pytest.CaptureFixt
     code, out, err = _in_process(stage, ["fit", "--config", str(REPO / "configs" / stage / "tiny.yaml"), "--print_config"], capsys)
     assert code == 0, err[-3000:]
     config = yaml.safe_load(out)
-    assert config["model"]["init_args"]["model"]["name_or_path"] == "builtin:tiny"
+    # the tiny recipes chain: every stage after SFT starts from the SFT export
+    assert config["model"]["init_args"]["model"]["name_or_path"] == ("builtin:tiny" if stage == "sft" else "runs/sft/export")
     assert config["data"]["stage"] == ("sft" if stage == "sft" else "preference")
     assert "tokenizer" not in config["data"]  # linked from the model's name_or_path
+
+
+@pytest.mark.parametrize(("stage", "option"), [("sft", "max_nonfinite_steps"), ("rm", "margin"), ("dpo", "beta"),
+                                               ("ppo", "samples_per_prompt")])
+def test_print_config_without_a_config_shows_the_stage_module(stage: str, option: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _in_process(stage, ["fit", "--print_config"], capsys)
+    assert code == 0, err[-3000:]
+    model = yaml.safe_load(out)["model"]
+    assert model["class_path"].startswith("equilibrate_pl.modules.") and option in model["init_args"]
+
+
+def test_missing_model_path_is_one_line_naming_the_step_that_makes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    code, out, err = _in_process("ppo", ["fit", "--config", str(REPO / "configs" / "ppo" / "tiny.yaml")], capsys)
+    assert code == 2
+    line = err.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith("equilibrate ppo: model.init_args.actor.name_or_path: model path 'runs/sft/export' does not exist")
+    assert "equilibrate sft fit --config" in line and "configs/sft/tiny.yaml" in line
+    assert "equilibrate export --ckpt runs/sft/checkpoints/last.ckpt --output runs/sft/export" in line
+    # a trained but not exported model: the export command alone
+    (tmp_path / "runs" / "sft" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "sft" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    code, _, err = _in_process("dpo", ["fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml")], capsys)
+    assert code == 2 and "export the trained model first: equilibrate export --ckpt runs/sft/checkpoints/last.ckpt" in err
+    # the quickstart's recipes name the quickstart
+    code, _, err = _in_process("rm", ["fit", "--config", str(REPO / "configs" / "quickstart" / "rm.yaml")], capsys)
+    assert code == 2 and "'runs/quickstart/sft' does not exist; made by `equilibrate quickstart`" in err
+
+
+def test_stage_help_is_fast_and_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    """`equilibrate dpo --help` answers without importing Lightning (seconds of imports)."""
+    code = subprocess.run([sys.executable, "-c", "import sys; from equilibrate_pl.cli import main; rc = main(['dpo', '--help']); "
+                           "assert 'lightning' not in sys.modules, 'imported Lightning'; sys.exit(rc)"],
+                          capture_output=True, text=True, timeout=120)
+    assert code.returncode == 0, code.stderr[-2000:]
+    for word in ("fit", "validate", "--print_config", "configs/dpo/tiny.yaml"):
+        assert word in code.stdout
 
 
 def test_unknown_key_is_rejected_with_its_name(tmp_path: Path, capsys: pytest.CaptureFixture[str], equilibrate_cache: Path) -> None:

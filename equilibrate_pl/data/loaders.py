@@ -83,7 +83,8 @@ class DataSource:
     Args:
         path: file, ``save_to_disk`` directory, or hub dataset id.
         kind: ``prompt`` | ``preference`` | ``sft``; ``None`` means the preset's kind, else ``prompt``.
-        preset: a key of :data:`PRESETS` (``xstest``, ``xstest-completions``, ``beavertails-fdc``, ``hh-rlhf``).
+        preset: a key of :data:`PRESETS` (``xstest``, ``xstest-completions``, ``beavertails-fdc``, ``hh-rlhf``,
+            ``pku-saferlhf``, ``beavertails``).
         columns: source column -> schema field renames (applied on top of the preset's).
         format: ``jsonl`` | ``json`` | ``csv`` | ``parquet`` | ``disk`` | ``hub``; inferred when ``None``.
         split: split for dataset dicts and hub ids (default ``train``).
@@ -200,6 +201,25 @@ def _beavertails(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _pku_saferlhf(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    safer = row.get("safer_response_id")
+    if safer not in (0, 1) or isinstance(safer, bool):
+        raise DataError(f"expected 0 or 1, got {safer!r}", field="safer_response_id")
+    # chosen = the safer response (the harmlessness preference); the helpfulness one stays in meta.
+    out["chosen"], out["rejected"] = out.pop(f"response_{safer}", None), out.pop(f"response_{1 - safer}", None)
+    return out
+
+
+def _beavertails_qa(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    if not isinstance(row.get("is_safe"), bool):
+        raise DataError(f"expected true or false, got {row.get('is_safe')!r}", field="is_safe")
+    # BeaverTails' 14 harm categories are not FDC groups: a categorizer decides the group.
+    out["label"] = "safe" if row["is_safe"] else "unsafe"
+    return out
+
+
 @dataclass(frozen=True)
 class Preset:
     kind: str
@@ -214,6 +234,8 @@ PRESETS: dict[str, Preset] = {
     "xstest-completions": Preset("sft", {"completion": "response"}, _xstest_completions, kinds=("prompt",)),
     "beavertails-fdc": Preset("prompt", {"question_y": "prompt", "category": "group"}, _beavertails, DEFAULT_GROUP_MAP),
     "hh-rlhf": Preset("preference", {}, _hh_rlhf, kinds=("prompt",)),
+    "pku-saferlhf": Preset("preference", {}, _pku_saferlhf, kinds=("prompt",)),
+    "beavertails": Preset("prompt", {}, _beavertails_qa, kinds=("sft",)),
 }
 
 

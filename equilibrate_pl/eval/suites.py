@@ -11,13 +11,13 @@ helpfulness are measured), with an FDC group where the source has one.
   (`harmful`/`unsafe`/`1`/`true` or `benign`/`safe`/`0`/`false`); without a label a row is harmful
   iff its group is EHD/IHD/MHD.
 
-Real-data suites are looked up in `$EQUILIBRATE_DATA` or `../shared/data` beside the repository; a
-path can always be given instead (`xstest:/path/to/xstest_prompts.csv`).
+Real-data suites are found through `equilibrate_pl.data.catalog` (`$EQUILIBRATE_DATA`, the download
+folder of `equilibrate data download`, `../shared/data` beside the repository; downloaded on first
+use when the network is allowed); a path can always be given instead (`xstest:/path/to/xstest_prompts.csv`).
 """
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +29,6 @@ from equilibrate_pl.data.schema import SAFETY_GROUPS, PromptLike
 __all__ = ["EvalItem", "Suite", "load_suite", "SUITES"]
 
 SUITES = ("builtin", "xstest", "beavertails-fdc")
-_DEFAULT_FILES = {
-    "xstest": "xstest/xstest_prompts.csv",
-    "beavertails-fdc": "beavertails-fdc/beavertails_selected_relabelled.json",
-}
 _HARMFUL_LABELS = {"harmful", "unsafe", "1", "true", "yes"}
 _BENIGN_LABELS = {"benign", "safe", "0", "false", "no"}
 
@@ -69,21 +65,13 @@ class Suite:
         return f"suite {self.name}: {len(self.items)} prompts ({harmful} harmful, {len(self.items) - harmful} benign)"
 
 
-def _data_dir() -> Path:
-    env = os.environ.get("EQUILIBRATE_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
 def _default_file(name: str) -> Path:
-    path = _data_dir() / _DEFAULT_FILES[name]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"suite {name!r}: {path} not found; set $EQUILIBRATE_DATA to the folder holding "
-            f"{_DEFAULT_FILES[name]} or pass the file: --suite {name}:/path/to/{Path(_DEFAULT_FILES[name]).name}"
-        )
-    return path
+    from equilibrate_pl.data.catalog import DatasetNotFound, require
+
+    try:
+        return require(name)
+    except DatasetNotFound as err:
+        raise FileNotFoundError(f"suite {name!r}: {err}; or pass the file: --suite {name}:/path/to/file") from None
 
 
 def _builtin(seed: int) -> list[EvalItem]:

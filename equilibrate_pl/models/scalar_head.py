@@ -18,9 +18,11 @@ Two settings differ from the library defaults, on purpose:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
@@ -40,6 +42,39 @@ from equilibrate_pl.models.loading import (
 # Attribute name of the head in transformers' GenericForTokenClassification models (Llama, Qwen2/3,
 # Mistral, Gemma, Phi-3, ...); older encoder-style classes (GPT-2, BERT) call it `classifier`.
 HEAD_NAME = "score"
+
+log = logging.getLogger(__name__)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _own_load_report() -> Iterator[None]:
+    """transformers warns "LOAD REPORT ... score.weight MISSING ... newly initialized" whenever a
+    causal LM is loaded as a scalar model, although a missing head is expected there (it is
+    initialised below, or a trained one is loaded from a checkpoint right after). The report is
+    replaced by :func:`_report_load`, which warns only about what is really unexpected."""
+    logger, drop = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _report_load(path: str, info: dict[str, Any]) -> None:
+    def keys(kind: str, skip: tuple[str, ...]) -> list[str]:
+        return sorted(k for k in info.get(kind, ()) if k.split(".")[0] not in skip)
+
+    missing = keys("missing_keys", (HEAD_NAME,))
+    unexpected = keys("unexpected_keys", ("lm_head",))  # a causal LM's own head, dropped by design
+    mismatched = [str(k) for k in info.get("mismatched_keys", ())]
+    if missing or unexpected or mismatched:
+        log.warning("%s: weights newly initialised (not in the checkpoint): %s; unused: %s; shape mismatch: %s",
+                    path, missing or "none", unexpected or "none", mismatched or "none")
 
 
 def scalar_head(model: nn.Module) -> nn.Linear:
@@ -96,11 +131,13 @@ def load_scalar_model(
     config = AutoConfig.from_pretrained(config_source(path), trust_remote_code=trust_remote_code)
     config.num_labels = 1
     config.classifier_dropout = 0.0
-    model, info = load_pretrained(
-        AutoModelForTokenClassification, path, dtype=dtype, quant=quant,
-        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-        config=config, quant_skip_modules=[HEAD_NAME], output_loading_info=True, tokenizer=tokenizer,
-    )
+    with _own_load_report():
+        model, info = load_pretrained(
+            AutoModelForTokenClassification, path, dtype=dtype, quant=quant,
+            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+            config=config, quant_skip_modules=[HEAD_NAME], output_loading_info=True, tokenizer=tokenizer,
+        )
+    _report_load(str(path), info)
     if not isinstance(getattr(model, HEAD_NAME, None), nn.Linear):
         raise ValueError(
             f"{type(model).__name__} has no '{HEAD_NAME}' linear head; scalar models need an architecture built "

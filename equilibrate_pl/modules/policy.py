@@ -423,7 +423,7 @@ class PolicyModule(LightningModule):
             raise ValueError(
                 f"PolicyModule does not run under {strategy}: use "
                 "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2, sharded per model; "
-                "configs/ppo/gpu.yaml, configs/ppo/tiny_fsdp_cpu.yaml), ddp_find_unused_parameters_true "
+                "configs/ppo/qwen2.5-0.5b.yaml, configs/ppo/tiny_fsdp_cpu.yaml), ddp_find_unused_parameters_true "
                 "or a single device"
             )
         if strategy == "DDPStrategy" and self.trainer.world_size > 1:

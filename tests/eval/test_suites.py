@@ -22,12 +22,29 @@ def test_builtin_suite_is_the_world_eval_split():
     assert any(it.meta["lookalike"] and not it.harmful for it in suite.items)
 
 
-def test_xstest_suite(shared_data):
-    suite = load_suite(f"xstest:{shared_data / 'xstest' / 'xstest_prompts.csv'}")
+def test_xstest_suite(shared_data, monkeypatch):
+    path = shared_data / "xstest" / "xstest_prompts.csv"
+    suite = load_suite(f"xstest:{path}")
     assert Counter(it.harmful for it in suite.items) == {False: 250, True: 200}
     assert {it.group for it in suite.items if not it.harmful} == {"general"}
     assert {it.group for it in suite.items if it.harmful} == {None}  # no FDC label: overall only
-    assert len(load_suite("xstest")) == 450  # found beside the repository
+    monkeypatch.setenv("EQUILIBRATE_DATA", str(path.parents[1]))
+    assert len(load_suite("xstest")) == 450  # found by name in the data folder
+
+
+def test_named_suite_without_data_says_how_to_get_it(tmp_path, monkeypatch):
+    """A bare clone, offline: `--suite xstest` is a one-line error naming the download command."""
+    from equilibrate_pl.data import catalog
+
+    monkeypatch.setenv("EQUILIBRATE_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("EQUILIBRATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(catalog, "_repo_sibling", lambda: tmp_path / "no-shared")
+    with pytest.raises(FileNotFoundError) as err:
+        load_suite("beavertails-fdc")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "equilibrate data download beavertails-fdc" in message and "EQUILIBRATE_DATA" in message
 
 
 def test_beavertails_suite(shared_data):
