@@ -118,3 +118,27 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path: Path, capsys: pytest.Ca
                                        "--print_config"], capsys)
     assert code != 0
     assert "tokn_signal" in err
+
+
+@pytest.mark.parametrize("stage,option", [("sft", "--model.init_args.model.name_or_path"),
+                                          ("ppo", "--model.init_args.actor.name_or_path")])
+def test_the_data_are_tokenized_with_the_models_tokenizer(stage: str, option: str, equilibrate_cache: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose tokenizer is not the tiny one must not be trained on tiny-tokenizer ids (the data
+    module used to keep `builtin:tiny` whatever model the config named)."""
+    from lightning.pytorch import Trainer
+
+    from equilibrate_pl.commands.train import make_cli
+    from equilibrate_pl.models.tiny import tiny_model_dir
+
+    other = str(tiny_model_dir(seed=1))  # its tokenizer is trained on another world: other ids
+    monkeypatch.setattr(Trainer, "fit", lambda self, *args, **kwargs: None)
+    extra = ["--model.init_args.reward_model.name_or_path", other] if stage == "ppo" else []
+    cli = make_cli(stage, ["fit", "--config", str(REPO / "configs" / stage / "tiny.yaml"), option, other, *extra], announce=False)
+    assert cli.datamodule.tokenizer_name == other
+    from equilibrate_pl.data.tokenizer import load_tokenizer
+
+    text = "How do I cook rice on the stove?"
+    model_ids = load_tokenizer(other)(text)["input_ids"]
+    assert load_tokenizer(cli.datamodule.tokenizer_name)(text)["input_ids"] == model_ids
+    assert load_tokenizer("builtin:tiny")(text)["input_ids"] != model_ids  # so the test can tell them apart

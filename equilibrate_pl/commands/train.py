@@ -212,9 +212,8 @@ def _cli_class() -> type:
             # `fit --print_config` without a --config shows the stage module's options, not `model: null`.
             parser.set_defaults({"data.stage": STAGES[self._stage].data_stage, "model": {"class_path": f"{module}.{cls}"}})
             if self._model_link is not None:
-                # The data must be tokenized by the model's own tokenizer: one setting, not two to keep in sync.
-                # `builtin:*` aliases resolve to local directories here, so the data code (which must not
-                # import model code) only ever sees a path or a hub id.
+                # Declares data.tokenizer as derived (it cannot be given and is not printed); the value
+                # itself is set in parse_arguments, see _tokenize_with_the_model.
                 parser.link_arguments(f"model.init_args.{self._model_link}", "data.tokenizer", compute_fn=_tokenizer_for)
 
         def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -224,6 +223,22 @@ def _cli_class() -> type:
             config = self.config[subcommand] if subcommand else self.config
             init_args = config.model.get("init_args") if config.model is not None else None
             check_model_paths(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args or {})
+            self._tokenize_with_the_model(config, init_args)
+
+        def _tokenize_with_the_model(self, config: Any, init_args: Any) -> None:
+            """The data are tokenized by the model's own tokenizer: one setting, not two to keep in sync.
+
+            Set here, not only by the parser's link: jsonargparse never applies a link whose source lies
+            inside a subclass's nested dataclass (``model.init_args.model.name_or_path``), so a SmolLM2
+            run was silently tokenized with the tiny tokenizer. ``builtin:*`` aliases
+            resolve to local directories here, so the data code (which must not import model code)
+            only ever sees a path or a hub id.
+            """
+            if self._model_link is None or init_args is None or config.get("data") is None:
+                return
+            name = init_args.get(self._model_link)
+            if name is not None:  # None: the module's default model settings, whose tokenizer is the default
+                config.data.tokenizer = _tokenizer_for(name)
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
             from lightning.pytorch.callbacks import ProgressBar
