@@ -461,24 +461,23 @@ class EncoderRefusalDetector(RefusalDetector):
                 out[idx] = torch.nn.functional.normalize(pooled.float(), dim=-1)
         return out
 
-    def rule_features(self, texts: Sequence[str]) -> "torch.Tensor":
+    def rule_features(self, texts: Sequence[str], signals: Sequence[dict[str, bool]] | None = None) -> "torch.Tensor":
+        """(len(texts), len(SIGNALS) + 1): each rule family and the rule verdict as 0/1."""
         import torch
 
         if not self.use_rules:
             return torch.zeros(len(texts), 0)
-        rows = []
-        for t in texts:
-            s = self._rules.signals(t)
-            rows.append([float(s[k]) for k in SIGNALS] + [float(self._rules.decide(s))])
-        return torch.tensor(rows)
+        sigs = signals if signals is not None else [self._rules.signals(t) for t in texts]
+        return torch.tensor([[float(s[k]) for k in SIGNALS] + [float(self._rules.decide(s))] for s in sigs])
 
-    def features(self, texts: Sequence[str], embeddings: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def features(self, texts: Sequence[str], embeddings: "torch.Tensor | None" = None,
+                 signals: Sequence[dict[str, bool]] | None = None) -> "torch.Tensor":
         """[embedding * sqrt(hidden), rule signals, 1]: the scaling gives embedding dimensions unit
         scale like the 0/1 signals, so one L2 penalty suits both."""
         import torch
 
         emb = self.embed(texts) if embeddings is None else embeddings
-        return torch.cat([emb * emb.shape[1] ** 0.5, self.rule_features(texts), torch.ones(len(texts), 1)], dim=1)
+        return torch.cat([emb * emb.shape[1] ** 0.5, self.rule_features(texts, signals), torch.ones(len(texts), 1)], dim=1)
 
     def fit(self, texts: Sequence[str], labels: Iterable[bool], *, l2: float = 1e-3, steps: int = 200,
             embeddings: "torch.Tensor | None" = None) -> "EncoderRefusalDetector":
@@ -493,15 +492,17 @@ class EncoderRefusalDetector(RefusalDetector):
         self.weight = _fit_logistic(x, y, l2=l2, steps=steps)
         return self
 
-    def predict_proba(self, texts: Sequence[str], embeddings: "torch.Tensor | None" = None) -> list[float]:
+    def predict_proba(self, texts: Sequence[str], embeddings: "torch.Tensor | None" = None,
+                      signals: Sequence[dict[str, bool]] | None = None) -> list[float]:
         import torch
 
         if self.weight is None:
             raise RuntimeError("EncoderRefusalDetector is not trained: call fit() or load()")
-        return torch.sigmoid(self.features(texts, embeddings) @ self.weight).tolist()
+        return torch.sigmoid(self.features(texts, embeddings, signals) @ self.weight).tolist()
 
-    def predict(self, texts: Sequence[str], embeddings: "torch.Tensor | None" = None) -> list[bool]:
-        return [p >= self.threshold for p in self.predict_proba(texts, embeddings)] if len(texts) else []
+    def predict(self, texts: Sequence[str], embeddings: "torch.Tensor | None" = None,
+                signals: Sequence[dict[str, bool]] | None = None) -> list[bool]:
+        return [p >= self.threshold for p in self.predict_proba(texts, embeddings, signals)] if len(texts) else []
 
     def save(self, path: str) -> None:
         """Write the head and its settings to one safetensors file (atomically)."""
@@ -583,17 +584,22 @@ class HybridRefusalDetector(RefusalDetector):
         self.learned = learned
         self.rules = rules or learned._rules
 
+    @staticmethod
+    def sure_of(signals: dict[str, bool]) -> bool:
+        return signals["decline_first_sentence"] and not signals["nonsense"]
+
     def sure(self, text: str) -> bool:
-        s = self.rules.signals(text)
-        return s["decline_first_sentence"] and not s["nonsense"]
+        return self.sure_of(self.rules.signals(text))
 
     def predict(self, texts: Sequence[str], embeddings: "torch.Tensor | None" = None) -> list[bool]:
         """`embeddings`: precomputed `learned.embed(texts)` rows (all texts), e.g. for several heads."""
-        out: list[bool | None] = [True if self.sure(t) else None for t in texts]
+        signals = [self.rules.signals(t) for t in texts]  # once: the gate and the head's features
+        out: list[bool | None] = [True if self.sure_of(s) else None for s in signals]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             sub = embeddings[todo] if embeddings is not None else None
-            for i, v in zip(todo, self.learned.predict([texts[i] for i in todo], sub)):
+            got = self.learned.predict([texts[i] for i in todo], sub, [signals[i] for i in todo])
+            for i, v in zip(todo, got):
                 out[i] = v
         return [bool(v) for v in out]
 

@@ -219,9 +219,9 @@ def test_hybrid_encodes_only_what_the_rules_leave_open(small_head):
     seen: list[list[str]] = []
     original = det.predict
 
-    def spy(texts, embeddings=None):
+    def spy(texts, embeddings=None, signals=None):
         seen.append(list(texts))
-        return original(texts, embeddings)
+        return original(texts, embeddings, signals)
 
     det.predict = spy
     try:
