@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Iterable, Sequence
 
@@ -379,9 +378,12 @@ class ClassifierRefusalDetector(RefusalDetector):
 SIGNALS: tuple[str, ...] = ("empty", "decline_first_sentence", "decline", "nonsense", "opening", "lecture_start", "lecture_anywhere")
 
 
-def _load_encoder(backbone: Any, tokenizer: Any, quantize: bool, layers: int | None) -> tuple[Any, Any]:
-    """(encoder, tokenizer) in eval mode: only the first `layers` transformer layers (all if None),
-    int8 dynamic quantisation of the linear layers if asked."""
+def _load_encoder(backbone: Any, tokenizer: Any, layers: int | None) -> tuple[Any, Any]:
+    """(encoder, tokenizer) in eval mode, keeping only the first `layers` transformer layers (all if None).
+
+    No int8 dynamic quantisation, though it ran the encoder 2.5x faster on CPU: it scales activations
+    per tensor, i.e. per BATCH, so a text's embedding (and verdict) moved with the other texts in its
+    batch (up to 0.035 per dimension, measured); fp32 embeddings agree across batchings to 1e-7."""
     from transformers import AutoModel, AutoTokenizer
 
     if backbone is None or isinstance(backbone, (str, os.PathLike)):
@@ -401,12 +403,6 @@ def _load_encoder(backbone: Any, tokenizer: Any, quantize: bool, layers: int | N
             raise ValueError(f"layers must be in 1..{len(stack)}, got {layers}")
         backbone.encoder.layer = stack[:layers]
         backbone.config.num_hidden_layers = layers
-    if quantize:
-        import torch
-
-        with warnings.catch_warnings():  # the eager quantisation API warns that it moves to torchao
-            warnings.simplefilter("ignore")
-            backbone = torch.ao.quantization.quantize_dynamic(backbone, {torch.nn.Linear}, dtype=torch.qint8)
     return backbone, tokenizer
 
 
@@ -426,17 +422,15 @@ class EncoderRefusalDetector(RefusalDetector):
         layers: use the first `layers` transformer layers only. The middle layers carry more of the
             wording than the last ones, which a sentence encoder trains towards topic: with 4 of
             MiniLM's 6 layers leave-one-model-out agreement on XSTest rose from 0.942 to 0.954 and
-            encoding ran about 1.5x faster (docs/EVAL.md).
+            encoding ran about 1.5x faster (measured with an int8 encoder, since dropped; docs/EVAL.md).
         use_rules: append the rule signals.
-        quantize: int8 dynamic quantisation of the encoder's linear layers (about 2.5x faster on
-            CPU; the head must be used with the setting it was trained with, which `save` records).
     """
 
     def __init__(self, backbone: Any = None, tokenizer: Any = None, *, max_length: int = 48, layers: int | None = 4,
-                 use_rules: bool = True, quantize: bool = True, batch_size: int = 64, threshold: float = 0.5) -> None:
+                 use_rules: bool = True, batch_size: int = 64, threshold: float = 0.5) -> None:
         self.backbone_name = str(backbone) if isinstance(backbone, (str, os.PathLike)) else None
-        self.encoder, self.tokenizer = _load_encoder(backbone, tokenizer, quantize, layers)
-        self.max_length, self.layers, self.use_rules, self.quantize = max_length, layers, use_rules, quantize
+        self.encoder, self.tokenizer = _load_encoder(backbone, tokenizer, layers)
+        self.max_length, self.layers, self.use_rules = max_length, layers, use_rules
         self.batch_size, self.threshold = batch_size, threshold
         self.weight: "torch.Tensor | None" = None
         self._rules = RuleRefusalDetector()
@@ -507,19 +501,17 @@ class EncoderRefusalDetector(RefusalDetector):
     def save(self, path: str) -> None:
         """Write the head and its settings to one safetensors file (atomically)."""
         _save_weight(path, self.weight, {"max_length": str(self.max_length), "layers": str(self.layers or ""),
-                                          "use_rules": str(int(self.use_rules)),
-                                          "quantize": str(int(self.quantize)), "threshold": str(self.threshold),
+                                          "use_rules": str(int(self.use_rules)), "threshold": str(self.threshold),
                                           "backbone": self.backbone_name or ""})
 
     @classmethod
     def load(cls, path: str, backbone: Any = None, tokenizer: Any = None) -> "EncoderRefusalDetector":
         """A trained head; the encoder is `backbone` if given, else the one recorded at save time
-        (else the default). The quantisation setting is the one it was trained with."""
+        (else the default), cut to the layers the head was trained on."""
         weight, meta = _load_weight(path)
         det = cls(backbone if backbone is not None else (meta.get("backbone") or None), tokenizer,
                   max_length=int(meta["max_length"]), layers=int(meta["layers"]) if meta.get("layers") else None,
-                  use_rules=meta["use_rules"] == "1",
-                  quantize=meta["quantize"] == "1", threshold=float(meta["threshold"]))
+                  use_rules=meta["use_rules"] == "1", threshold=float(meta["threshold"]))
         expected = det.encoder.config.hidden_size + (len(SIGNALS) + 1 if det.use_rules else 0) + 1
         if weight.shape != (expected,):
             raise ValueError(f"{path}: weight has shape {tuple(weight.shape)}, expected ({expected},) for this encoder")

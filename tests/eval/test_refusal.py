@@ -196,8 +196,10 @@ def test_encoder_detector_features_fit_and_round_trip(small_head, tmp_path):
     assert x[:, -1].eq(1).all()  # bias column
     emb = det.embed(texts[:5])
     assert emb.norm(dim=1).sub(1).abs().max() < 1e-5
-    assert det.embed(list(reversed(texts[:5]))).flip(0).sub(emb).abs().max() < 1e-5  # order-independent batching
-    again = EncoderRefusalDetector(det.encoder, det.tokenizer, layers=None, quantize=False)
+    # a text's embedding does not depend on the other texts in its batch (int8 dynamic quantisation broke this)
+    assert det.embed(list(reversed(texts[:5]))).flip(0).sub(emb).abs().max() < 1e-5
+    assert det.embed(texts[2:3]).sub(emb[2:3]).abs().max() < 1e-5
+    again = EncoderRefusalDetector(det.encoder, det.tokenizer, layers=None)
     again.fit(texts, [c.refusal for c in corpus])
     assert again.weight.equal(det.weight)  # full-batch L-BFGS from zeros: deterministic
     acc = sum(p == c.refusal for p, c in zip(det.predict(texts), corpus)) / len(corpus)
@@ -207,10 +209,10 @@ def test_encoder_detector_features_fit_and_round_trip(small_head, tmp_path):
     path = tmp_path / "head.safetensors"
     det.save(str(path))
     loaded = EncoderRefusalDetector.load(str(path))
-    assert (loaded.max_length, loaded.layers, loaded.quantize) == (det.max_length, det.layers, det.quantize)
+    assert (loaded.max_length, loaded.layers, loaded.use_rules) == (det.max_length, det.layers, det.use_rules)
     assert loaded.predict_proba(texts[:20]) == pytest.approx(det.predict_proba(texts[:20]), abs=1e-5)
     with pytest.raises(RuntimeError, match="not trained"):
-        EncoderRefusalDetector(det.encoder, det.tokenizer, layers=None, quantize=False).predict(["hi"])
+        EncoderRefusalDetector(det.encoder, det.tokenizer, layers=None).predict(["hi"])
 
 
 def test_hybrid_encodes_only_what_the_rules_leave_open(small_head):
