@@ -418,7 +418,9 @@ class EncoderRefusalDetector(RefusalDetector):
     Args:
         backbone / tokenizer: hub id or directory (or a loaded model + its tokenizer).
         max_length: tokens of the opening that are embedded (refusals are announced early; a later
-            "However, I can't ..." reaches the head through the `decline` rule signal).
+            "However, I can't ..." reaches the head through the `decline` rule signal). 32 rather
+            than 48 made the hybrid fast enough (219 vs 168 completions per CPU-second) at the same
+            leave-one-model-out agreement (0.950 vs 0.954).
         layers: use the first `layers` transformer layers only. The middle layers carry more of the
             wording than the last ones, which a sentence encoder trains towards topic: with 4 of
             MiniLM's 6 layers leave-one-model-out agreement on XSTest rose from 0.942 to 0.954 and
@@ -426,7 +428,7 @@ class EncoderRefusalDetector(RefusalDetector):
         use_rules: append the rule signals.
     """
 
-    def __init__(self, backbone: Any = None, tokenizer: Any = None, *, max_length: int = 48, layers: int | None = 4,
+    def __init__(self, backbone: Any = None, tokenizer: Any = None, *, max_length: int = 32, layers: int | None = 4,
                  use_rules: bool = True, batch_size: int = 64, threshold: float = 0.5) -> None:
         self.backbone_name = str(backbone) if isinstance(backbone, (str, os.PathLike)) else None
         self.encoder, self.tokenizer = _load_encoder(backbone, tokenizer, layers)
