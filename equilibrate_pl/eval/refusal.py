@@ -30,7 +30,10 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:  # torch is imported lazily: the rules need none of it
+    import torch
 
 __all__ = [
     "RefusalDetector",

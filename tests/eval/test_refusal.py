@@ -263,3 +263,18 @@ def test_is_refusal_methods():
     with pytest.raises(ValueError, match="unknown refusal method 'regex'"):
         is_refusal("hi", method="regex")
     assert refusal_mod.DEFAULT_METHOD == "rules"
+
+
+@pytest.mark.slow
+def test_shipped_detectors_generalise(xstest, equilibrate_cache):
+    """The shipped head (project texts only): held-out phrasings and XSTest, which it never saw.
+    benchmarks/refusal.py measured classifier 0.955 / hybrid 0.946 held out, 0.910 / 0.911 on XSTest."""
+    classifier = default_encoder_detector()
+    hybrid = HybridRefusalDetector(classifier)
+    held = phrasings("heldout")
+    for det, floor in ((classifier, 0.94), (hybrid, 0.93)):
+        acc = sum(p == h.refusal for p, h in zip(det.predict([h.text for h in held]), held)) / len(held)
+        assert acc >= floor, (type(det).__name__, acc)
+        assert _accuracy(xstest, det.predict)["overall"] >= 0.89
+    rules_acc = sum(p == h.refusal for p, h in zip(RuleRefusalDetector().predict([h.text for h in held]), held)) / len(held)
+    assert rules_acc < 0.75  # why the learned detectors exist: the rules do not carry over to new phrasing
