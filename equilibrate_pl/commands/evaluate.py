@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                        "timeout": args.judge_timeout, "retries": args.judge_retries}
         elif kind == "llm":
             options = {"retries": args.judge_retries}
+        elif kind == "refusal":  # the judge reads refusals with the same detector as the rates
+            from equilibrate_pl.eval.refusal import get_detector
+
+            options = {"detector": get_detector(args.refusal_method)}
         elif kind in ("reward", "cost"):
             options = {"threshold": args.judge_threshold}
         judge = build_judge(args.judge, **options)

@@ -421,7 +421,7 @@ def build_judge(spec: str, **options: Any) -> Judge:
     options = {k: v for k, v in options.items() if v is not None}
     kind, _, arg = spec.partition(":")
     if kind == "refusal" and not arg:
-        return RefusalJudge()
+        return RefusalJudge(options.get("detector"))  # `detector`: e.g. `refusal.get_detector("hybrid")`
     if kind == "reward" and arg:
         return RewardModelJudge.from_pretrained(arg, **options)
     if kind == "llm" and arg:

@@ -252,6 +252,8 @@ def evaluate_models(
 ) -> EvalResult:
     """Generate with each model on `suite`, detect refusals, judge, and compute the metrics.
 
+    `refusal_detector`: a detector or a method name (`refusal.METHODS`); it flags refusals for the
+    rates and, when `judge` is the string "refusal", is the refusal judge's detector too.
     `models` maps a display name to `(model, tokenizer)` or to a zero-argument loader returning one
     (loaded one at a time and released after generating). `helpfulness_fn(prompts, responses)`
     scores benign responses (e.g. `judges.load_reward_scorer(path)`); with it, `reference` (default:
@@ -263,13 +265,14 @@ def evaluate_models(
         raise ValueError("no models to evaluate")
     suite = load_suite(suite, seed=seed) if isinstance(suite, str) else suite
     suite = suite.limit(limit, seed=seed)
-    judge = build_judge(judge) if isinstance(judge, str) else judge
     # a method name ("rules" | "classifier" | "hybrid", `refusal.get_detector`) or a detector object
     if isinstance(refusal_detector, str):
         refusal_method, detector = refusal_detector, get_detector(refusal_detector)
     else:
         detector = refusal_detector or RuleRefusalDetector()
         refusal_method = "rules" if refusal_detector is None else type(detector).__name__
+    if isinstance(judge, str):  # a refusal judge reads refusals with the same detector as the rates
+        judge = build_judge(judge, **({"detector": detector} if judge == "refusal" else {}))
     if reference is None and helpfulness_fn is not None and len(models) > 1:
         reference = next(iter(models))
     if reference is not None and reference not in models:

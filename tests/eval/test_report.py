@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from equilibrate_pl.eval.judges import RewardModelJudge
-from equilibrate_pl.eval.refusal import is_refusal
+from equilibrate_pl.eval.refusal import RefusalDetector, is_refusal
 from equilibrate_pl.eval.report import evaluate_models
 from equilibrate_pl.eval.suites import EvalItem, Suite
 
@@ -111,5 +111,17 @@ def test_refusal_method_by_name(two_models, tmp_path):
                              max_new_tokens=4, progress=False)
     assert result.refusal_method == "rules"
     assert json.loads(result.write(tmp_path)["metrics"].read_text())["refusal_method"] == "rules"
+
+    class EverythingRefuses(RefusalDetector):
+        def predict(self, texts):
+            return [True] * len(texts)
+
+    # the refusal judge named by string reads refusals with the same detector as the rates
+    result = evaluate_models({"a": two_models["a"]}, SUITE, "refusal", refusal_detector=EverythingRefuses(),
+                             max_new_tokens=4, progress=False)
+    res = result.models["a"]
+    assert all(r["refused"] and r["verdict"]["safe"] for r in res.rows)
+    assert res.metrics["safety_rate"] == res.metrics["refusal_rate"] == 1.0 and res.metrics["harmful_rate"] == 0.0
+    assert result.refusal_method == "EverythingRefuses"
     with pytest.raises(ValueError, match="unknown refusal method 'regex'"):
         evaluate_models({"a": two_models["a"]}, SUITE.limit(2), "refusal", refusal_detector="regex", progress=False)
