@@ -258,8 +258,16 @@ def test_default_head_is_trained_once_and_cached(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_is_refusal_methods():
+def test_is_refusal_methods(small_head, monkeypatch):
     assert is_refusal("I can't help with that.", method="rules")
+    det, _ = small_head
+    monkeypatch.setattr(refusal_mod, "default_encoder_detector", lambda: det)  # the small head, not a 1,600-text training
+    monkeypatch.setattr(refusal_mod, "_DETECTORS", {"rules": RuleRefusalDetector()})
+    assert refusal_mod.get_detector("classifier") is det
+    assert isinstance(refusal_mod.get_detector("hybrid"), HybridRefusalDetector)
+    assert refusal_mod.get_detector("hybrid").learned is det
+    text = "Sure! Paris is the capital of France."
+    assert is_refusal(text, method="classifier") == det.predict([text])[0] == is_refusal(text, method="hybrid") is False
     with pytest.raises(ValueError, match="unknown refusal method 'regex'"):
         is_refusal("hi", method="regex")
     assert refusal_mod.DEFAULT_METHOD == "rules"
