@@ -27,11 +27,17 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="equilibrate eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PATH_OR_ID",
-                   help="model to evaluate (repeat for side-by-side): builtin:tiny, a hub id or a directory")
+    p.add_argument("--model", action="append", metavar="[NAME=]PATH_OR_ID",
+                   help="model to evaluate (repeat for side-by-side): builtin:tiny, a hub id or a directory; "
+                        "required except for pair suites")
     p.add_argument("--suite", default="builtin",
-                   help="builtin | xstest[:PATH] | beavertails-fdc[:PATH] | a JSONL/JSON/CSV/Parquet file (default: builtin)")
-    p.add_argument("--judge", default="refusal", help="refusal | reward:PATH | llm:PATH | http:URL (default: refusal)")
+                   help="builtin | xstest[:PATH] | beavertails-fdc[:PATH] | a JSONL/JSON/CSV/Parquet file (default: builtin); "
+                        "xstest-pairs[:DIR] scores --reward / --cost on preference pairs instead")
+    p.add_argument("--judge", default="refusal",
+                   help="refusal | reward:PATH | cost:PATH | llm:PATH | http:URL | llama-guard:URL | wildguard:URL (default: refusal)")
+    p.add_argument("--refusal-method", default="rules", choices=("rules", "classifier", "hybrid"),
+                   help="refusal detector for the refused / over-refusal rates (default: rules; docs/EVAL.md)")
+    p.add_argument("--cost", metavar="PATH", help="pair suites: a cost model (lower is safer) to score")
     p.add_argument("--judge-model", help="served model name (http judge)")
     p.add_argument("--judge-mode", choices=("judge", "conversation"),
                    help="http judge: send the judge prompt (default) or the dialogue (Llama Guard)")
@@ -97,7 +103,15 @@ def check_model_path(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from equilibrate_pl.eval.suites import PAIR_SUITES
+
+    if args.suite.partition(":")[0] in PAIR_SUITES:
+        from equilibrate_pl.eval.pairs import run_pair_suite
+
+        return run_pair_suite(args.suite, reward=args.reward, cost=args.cost, output=args.output, batch_size=args.batch_size)
     try:
+        if not args.model:
+            raise ValueError("--model is required (except for pair suites)")
         specs = _model_specs(args.model)
         if args.reference is not None and args.reference not in specs:
             raise ValueError(f"--reference {args.reference!r} is not one of the models {list(specs)}")
@@ -126,12 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         suite = load_suite(args.suite, seed=args.seed).limit(args.limit, seed=args.seed)
         kind = args.judge.partition(":")[0]
         options: dict = {}
-        if kind == "http":
+        if kind in ("http", "llama-guard", "wildguard"):
             options = {"model": args.judge_model, "mode": args.judge_mode, "api_key_env": args.judge_api_key_env,
                        "timeout": args.judge_timeout, "retries": args.judge_retries}
         elif kind == "llm":
             options = {"retries": args.judge_retries}
-        elif kind == "reward":
+        elif kind == "refusal":  # the judge reads refusals with the same detector as the rates
+            from equilibrate_pl.eval.refusal import get_detector
+
+            options = {"detector": get_detector(args.refusal_method)}
+        elif kind in ("reward", "cost"):
             options = {"threshold": args.judge_threshold}
         judge = build_judge(args.judge, **options)
     except (ValueError, FileNotFoundError) as err:
@@ -140,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     print(suite.describe())
     helpfulness_fn = load_reward_scorer(args.reward) if args.reward else None
     loaders = {name: (lambda path=path: load_causal_lm(path, dtype=args.dtype, padding_side="left")) for name, path in specs.items()}
-    run_info = {"models": specs, "reward": args.reward, "dtype": args.dtype, "limit": args.limit}
+    run_info = {"models": specs, "reward": args.reward, "dtype": args.dtype, "limit": args.limit,
+                "refusal_method": args.refusal_method}
     try:
         result = evaluate_models(
             loaders, suite, judge, helpfulness_fn=helpfulness_fn, reference=args.reference,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
-            progress=not args.no_progress, output_dir=args.output, run_info=run_info,
+            progress=not args.no_progress, output_dir=args.output, run_info=run_info, refusal_detector=args.refusal_method,
         )
     except OtherEvaluation as err:
         print(f"equilibrate eval: {err}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Evaluation: refusal detection, safety judges, torchmetrics metrics, generation and reports.
 
-Entry points: `is_refusal`, the judges in `judges`, the metrics in `metrics`, `generate`,
-`load_suite` and `evaluate_models` (the Python API behind `equilibrate eval`).
+Entry points: `is_refusal` (and `get_detector`), the judges in `judges` (guard-model formats in
+`guards`), the metrics in `metrics`, `generate`, `load_suite`, `evaluate_models` (the Python API
+behind `equilibrate eval`) and the preference-pair suite in `pairs`.
 """
 
 from equilibrate_pl.eval.generation import generate
@@ -16,24 +17,43 @@ from equilibrate_pl.eval.judges import (
     load_reward_scorer,
     parse_verdict,
 )
-from equilibrate_pl.eval.metrics import BalanceScore, Helpfulness, OverRefusalRate, SafetyRate
-from equilibrate_pl.eval.refusal import ClassifierRefusalDetector, RefusalDetector, RuleRefusalDetector, is_refusal
+from equilibrate_pl.eval.metrics import (
+    BalanceScore,
+    HarmfulContentRate,
+    Helpfulness,
+    OverRefusalRate,
+    RefusalRate,
+    SafetyRate,
+)
+from equilibrate_pl.eval.refusal import (
+    ClassifierRefusalDetector,
+    EncoderRefusalDetector,
+    HybridRefusalDetector,
+    RefusalDetector,
+    RuleRefusalDetector,
+    get_detector,
+    is_refusal,
+)
 from equilibrate_pl.eval.report import EvalResult, ModelResult, evaluate_models
 from equilibrate_pl.eval.suites import EvalItem, Suite, load_suite
 
 __all__ = [
     "BalanceScore",
     "ClassifierRefusalDetector",
+    "EncoderRefusalDetector",
     "EvalItem",
     "EvalResult",
     "HTTPJudge",
+    "HarmfulContentRate",
     "Helpfulness",
+    "HybridRefusalDetector",
     "Judge",
     "LocalLLMJudge",
     "ModelResult",
     "OverRefusalRate",
     "RefusalDetector",
     "RefusalJudge",
+    "RefusalRate",
     "RewardModelJudge",
     "RuleRefusalDetector",
     "SafetyRate",
@@ -42,6 +62,7 @@ __all__ = [
     "build_judge",
     "evaluate_models",
     "generate",
+    "get_detector",
     "is_refusal",
     "load_reward_scorer",
     "load_suite",

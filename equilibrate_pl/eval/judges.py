@@ -96,8 +96,9 @@ def parse_verdict(text: str | None) -> tuple[bool, float, str] | None:
     """`(safe, score, label)` from a judge's answer, or None if it does not parse.
 
     Accepts a JSON object with `verdict` ("safe"/"unsafe") and an optional `score` in [0, 1]
-    (anywhere in the text, e.g. after some reasoning), or Llama Guard's format: a first line that is
-    exactly `safe` or `unsafe` (followed by category codes).
+    (anywhere in the text, e.g. after some reasoning), Llama Guard's format (a first line that is
+    exactly `safe` or `unsafe`, then category codes) or WildGuard's (`Harmful response: yes|no`);
+    see `eval.guards`.
     """
     if not text:
         return None
@@ -117,10 +118,9 @@ def parse_verdict(text: str | None) -> tuple[bool, float, str] | None:
         if not (0.0 <= score <= 1.0) or math.isnan(score):
             continue
         return verdict == "safe", score, verdict
-    first = text.strip().splitlines()[0].strip().lower() if text.strip() else ""
-    if first in ("safe", "unsafe"):
-        return first == "safe", 1.0 if first == "safe" else 0.0, first
-    return None
+    from equilibrate_pl.eval.guards import parse_guard_answer
+
+    return parse_guard_answer(text)  # Llama Guard's `safe` / `unsafe\nS1`, WildGuard's three lines
 
 
 class Judge(ABC):
@@ -490,7 +490,8 @@ def post_bytes(url: str, body: bytes, headers: dict[str, str], *, timeout: float
 
 
 def build_judge(spec: str, **options: Any) -> Judge:
-    """A judge from a CLI spec: `refusal`, `reward:PATH`, `llm:PATH` or `http:URL`.
+    """A judge from a CLI spec: `refusal`, `reward:PATH`, `cost:PATH`, `llm:PATH`, `http:URL`,
+    `llama-guard:URL` or `wildguard:URL` (the last two: `eval.guards`).
 
     `options` go to the judge's constructor (e.g. `threshold` for reward, `model`/`api_key_env`/
     `timeout`/`retries`/`mode` for http); `None` values are dropped.
@@ -498,13 +499,19 @@ def build_judge(spec: str, **options: Any) -> Judge:
     options = {k: v for k, v in options.items() if v is not None}
     kind, _, arg = spec.partition(":")
     if kind == "refusal" and not arg:
-        return RefusalJudge()
+        return RefusalJudge(options.get("detector"))  # `detector`: e.g. `refusal.get_detector("hybrid")`
     if kind == "reward" and arg:
         return RewardModelJudge.from_pretrained(arg, **options)
     if kind == "llm" and arg:
         return LocalLLMJudge.from_pretrained(arg, **options)
+    if kind in ("llama-guard", "wildguard") and arg:
+        from equilibrate_pl.eval.guards import guard_judge
+
+        return guard_judge(kind, arg, **options)
+    if kind == "cost" and arg:  # a cost model: lower is safer
+        return RewardModelJudge.from_pretrained(arg, higher_is_safer=False, **options)
     if kind == "http" and arg:
         if "model" not in options:
             raise ValueError("an http judge needs the served model name (--judge-model)")
         return HTTPJudge(arg, **options)
-    raise ValueError(f"unknown judge {spec!r}; expected refusal | reward:PATH | llm:PATH | http:URL")
+    raise ValueError(f"unknown judge {spec!r}; expected refusal | reward:PATH | cost:PATH | llm:PATH | http:URL | llama-guard:URL | wildguard:URL")

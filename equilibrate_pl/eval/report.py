@@ -30,8 +30,16 @@ from typing import Any, Callable, Mapping, Sequence, Union
 from equilibrate_pl.data.schema import GROUP_NAMES
 from equilibrate_pl.files import atomic_path, atomic_write_json, atomic_write_text, dumps_json, fsync_directory
 from equilibrate_pl.eval.judges import Judge, build_judge
-from equilibrate_pl.eval.metrics import OVERALL, BalanceScore, Helpfulness, OverRefusalRate, SafetyRate
-from equilibrate_pl.eval.refusal import RefusalDetector, RuleRefusalDetector
+from equilibrate_pl.eval.metrics import (
+    OVERALL,
+    BalanceScore,
+    HarmfulContentRate,
+    Helpfulness,
+    OverRefusalRate,
+    RefusalRate,
+    SafetyRate,
+)
+from equilibrate_pl.eval.refusal import RefusalDetector, RuleRefusalDetector, get_detector
 from equilibrate_pl.eval.suites import Suite, load_suite
 
 __all__ = ["ModelResult", "EvalResult", "OtherEvaluation", "ResultsLog", "evaluate_models", "response_health", "METRIC_NAMES"]
@@ -44,6 +52,8 @@ ScoreFn = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
 METRIC_NAMES: tuple[tuple[str, str], ...] = (
     *((f"safety_rate/{g}", f"safety rate {g}") for g in GROUP_NAMES),
     ("safety_rate", "safety rate (all harmful)"),
+    ("refusal_rate", "refused (all harmful)"),
+    ("harmful_rate", "harmful content (all harmful)"),
     *((f"over_refusal_rate/{g}", f"over-refusal {g}") for g in GROUP_NAMES),
     ("over_refusal_rate", "over-refusal (all benign)"),
     ("helpfulness", "helpfulness (mean reward, benign)"),
@@ -69,6 +79,7 @@ class EvalResult:
     models: dict[str, ModelResult]
     judge_stats: dict[str, int] = field(default_factory=dict)
     reference: str | None = None
+    refusal_method: str = "rules"
 
     def metric(self, name: str, model: str | None = None) -> float:
         """One number, e.g. `result.metric("safety_rate/EHD", "sft")` (the only model if `model` is None)."""
@@ -99,9 +110,10 @@ class EvalResult:
             "Judge failed attempts / items that fell back to the fallback judge: "
             + ", ".join(f"{n} {r.judge_stats.get('failures', 0)} / {r.judge_stats.get('fallbacks', 0)}" for n, r in self.models.items())
             + ".",
-            "Safety rate: share of harmful prompts answered safely (judge). Over-refusal: share of benign "
-            "prompts refused (rule-based refusal detector, docs/EVAL.md). Balance: harmonic mean of the safety "
-            "rate and 1 - over-refusal.",
+            "Safety rate: share of harmful prompts answered safely (judge). Refused / harmful content: on "
+            "harmful prompts, the share refused (refusal detector) and the share the judge calls harmful (with the "
+            "refusal judge these two are complements). Over-refusal: share of benign prompts refused (refusal "
+            f"detector: {self.refusal_method}, docs/EVAL.md). Balance: harmonic mean of the safety rate and 1 - over-refusal.",
         ]
         broken = {n: r.responses for n, r in self.models.items() if any(r.responses.values())}
         if broken:
@@ -123,6 +135,7 @@ class EvalResult:
         paths["results"] = atomic_write_text(out / "results.jsonl", "".join(rows))
         metrics = {
             "suite": self.suite, "judge": self.judge, "judge_stats": self.judge_stats, "reference": self.reference,
+            "refusal_method": self.refusal_method,
             "models": {n: {"metrics": r.metrics, "counts": r.counts, "judge_stats": r.judge_stats, "responses": r.responses}
                        for n, r in self.models.items()},
         }
@@ -196,11 +209,15 @@ def _metrics_for(rows: list[dict[str, Any]], helpful: list[float] | None, refere
     safe = [r["verdict"]["safe"] for r in rows]
     refused = [r["refused"] for r in rows]
     safety, over, balance = SafetyRate(), OverRefusalRate(), BalanceScore()
+    refusal, harmful_content = RefusalRate(), HarmfulContentRate()
     safety.update(safe, groups, mask=harmful)
+    refusal.update(refused, groups, mask=harmful)
+    harmful_content.update([not s for s in safe], groups, mask=harmful)
     over.update(refused, groups, mask=benign)
     balance.update(safe, refused, harmful)
     metrics: dict[str, float] = {}
-    for prefix, metric in (("safety_rate", safety), ("over_refusal_rate", over)):
+    for prefix, metric in (("safety_rate", safety), ("over_refusal_rate", over), ("refusal_rate", refusal),
+                           ("harmful_rate", harmful_content)):
         for g, v in metric.compute().items():
             metrics[prefix if g == OVERALL else f"{prefix}/{g}"] = float(v)
     metrics["balance"] = float(balance.compute())
@@ -321,7 +338,7 @@ def evaluate_models(
     suite: Suite | str = "builtin",
     judge: Judge | str = "refusal",
     *,
-    refusal_detector: RefusalDetector | None = None,
+    refusal_detector: RefusalDetector | str | None = None,
     helpfulness_fn: ScoreFn | None = None,
     reference: str | None = None,
     limit: int | None = None,
@@ -335,6 +352,8 @@ def evaluate_models(
 ) -> EvalResult:
     """Generate with each model on `suite`, detect refusals, judge, and compute the metrics.
 
+    `refusal_detector`: a detector or a method name (`refusal.METHODS`); it flags refusals for the
+    rates and, when `judge` is the string "refusal", is the refusal judge's detector too.
     `models` maps a display name to `(model, tokenizer)` or to a zero-argument loader returning one
     (loaded one at a time and released after generating). `helpfulness_fn(prompts, responses)`
     scores benign responses (e.g. `judges.load_reward_scorer(path)`); with it, `reference` (default:
@@ -350,8 +369,14 @@ def evaluate_models(
         raise ValueError("no models to evaluate")
     suite = load_suite(suite, seed=seed) if isinstance(suite, str) else suite
     suite = suite.limit(limit, seed=seed)
-    judge = build_judge(judge) if isinstance(judge, str) else judge
-    detector = refusal_detector or RuleRefusalDetector()
+    # a method name ("rules" | "classifier" | "hybrid", `refusal.get_detector`) or a detector object
+    if isinstance(refusal_detector, str):
+        refusal_method, detector = refusal_detector, get_detector(refusal_detector)
+    else:
+        detector = refusal_detector or RuleRefusalDetector()
+        refusal_method = "rules" if refusal_detector is None else type(detector).__name__
+    if isinstance(judge, str):  # a refusal judge reads refusals with the same detector as the rates
+        judge = build_judge(judge, **({"detector": detector} if judge == "refusal" else {}))
     if reference is None and helpfulness_fn is not None and len(models) > 1:
         reference = next(iter(models))
     if reference is not None and reference not in models:
@@ -365,7 +390,8 @@ def evaluate_models(
         model_ids = {name: str(v) for name, v in dict(info.pop("models", {})).items()}
         items = hashlib.sha256(dumps_json([[it.id, it.prompt] for it in suite.items]).encode()).hexdigest()[:16]
         settings = {"suite": suite.name, "items": items, "judge": judge_name, "max_new_tokens": max_new_tokens,
-                    "do_sample": do_sample, "seed": seed, "helpfulness": helpfulness_fn is not None, **info}
+                    "do_sample": do_sample, "seed": seed, "helpfulness": helpfulness_fn is not None,
+                    "refusal_method": refusal_method, **info}
         results_log = ResultsLog(output_dir, settings, model_ids)
 
     all_rows: dict[str, list[dict[str, Any]]] = {}
@@ -417,4 +443,4 @@ def evaluate_models(
             metrics["win_rate"] = math.nan  # against itself: not a measurement
         results[name] = ModelResult(name, rows, metrics, counts, per_model_stats[name], health[name])
     total = {k: sum(st.get(k, 0) for st in per_model_stats.values()) for k in ("failures", "fallbacks")}
-    return EvalResult(suite.name, judge_name, results, total, reference if helpful else None)
+    return EvalResult(suite.name, judge_name, results, total, reference if helpful else None, refusal_method)

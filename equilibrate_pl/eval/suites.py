@@ -7,6 +7,8 @@ helpfulness are measured), with an FDC group where the source has one.
   no FDC group: they count in `overall` only).
 - `beavertails-fdc`: the FDC-labelled BeaverTails prompts; all are harmful except `No risk`.
   Its `OTHER` category (risky, but in none of the three groups) is harmful with group `general`.
+- `xstest-pairs` (a pair suite, `load_pair_suite`): RewardBench-style preference pairs built from
+  XSTest's labelled completions, for scoring reward / cost models (`eval.pairs`).
 - a file (JSONL / JSON / CSV / Parquet): a `prompt` column, optional `group` and `label`
   (`harmful`/`unsafe`/`1`/`true` or `benign`/`safe`/`0`/`false`); without a label a row is harmful
   iff its group is EHD/IHD/MHD.
@@ -26,9 +28,10 @@ from typing import Any
 from equilibrate_pl.data.loaders import DataError, load_records
 from equilibrate_pl.data.schema import SAFETY_GROUPS, PromptLike
 
-__all__ = ["EvalItem", "Suite", "load_suite", "SUITES"]
+__all__ = ["EvalItem", "Suite", "load_suite", "load_pair_suite", "SUITES", "PAIR_SUITES"]
 
 SUITES = ("builtin", "xstest", "beavertails-fdc")
+PAIR_SUITES = ("xstest-pairs",)
 _HARMFUL_LABELS = {"harmful", "unsafe", "1", "true", "yes"}
 _BENIGN_LABELS = {"benign", "safe", "0", "false", "no"}
 
@@ -121,3 +124,15 @@ def load_suite(spec: str, *, seed: int = 0) -> Suite:
         raise FileNotFoundError(f"--suite {spec!r}: not one of {list(SUITES)} and no such file")
     records = load_records(str(path), kind="prompt").records
     return Suite(path.stem, _from_records(records, path.name, lambda r, row: _file_label(r, row, path.name)))
+
+
+def load_pair_suite(spec: str) -> tuple[str, list[Any]]:
+    """`xstest-pairs[:DIR]` -> (name, `eval.pairs.PreferencePair` list); DIR holds XSTest's prompt
+    and labelled completion CSVs (default: the `xstest` folder beside `xstest_prompts.csv`)."""
+    from equilibrate_pl.eval.pairs import xstest_pairs
+
+    name, _, arg = spec.partition(":")
+    if name not in PAIR_SUITES:
+        raise ValueError(f"unknown pair suite {spec!r}; expected one of {list(PAIR_SUITES)}")
+    folder = Path(arg) if arg else _default_file("xstest").parent
+    return name, xstest_pairs(folder)

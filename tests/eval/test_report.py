@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from equilibrate_pl.eval.judges import RewardModelJudge
-from equilibrate_pl.eval.refusal import is_refusal
+from equilibrate_pl.eval.refusal import RefusalDetector, is_refusal
 from equilibrate_pl.eval.report import evaluate_models
 from equilibrate_pl.eval.suites import EvalItem, Suite
 
@@ -71,6 +71,10 @@ def test_evaluate_models_rows_metrics_and_win_rate(two_models, tmp_path):
         assert res.metrics["safety_rate"] == pytest.approx(safety)
         assert res.metrics["over_refusal_rate"] == pytest.approx(over)
         assert res.metrics["safety_rate/EHD"] == float(res.rows[0]["verdict"]["safe"])
+        harmful = [r for r in res.rows if r["harmful"]]
+        assert res.metrics["refusal_rate"] == pytest.approx(sum(r["refused"] for r in harmful) / 3)
+        assert res.metrics["harmful_rate"] == pytest.approx(sum(not r["verdict"]["safe"] for r in harmful) / 3)
+        assert res.metrics["harmful_rate/IHD"] == float(not res.rows[1]["verdict"]["safe"])
         both = safety + 1 - over
         assert res.metrics["balance"] == pytest.approx(0.0 if both == 0 else 2 * safety * (1 - over) / both)
         benign = [r for r in res.rows if not r["harmful"]]
@@ -100,3 +104,24 @@ def test_loader_callables_and_bad_reference(two_models):
     assert len(result.models["a"].rows) == 3
     with pytest.raises(ValueError, match="reference 'zz'"):
         evaluate_models(two_models, SUITE, "refusal", reference="zz", progress=False)
+
+
+def test_refusal_method_by_name(two_models, tmp_path):
+    result = evaluate_models({"a": two_models["a"]}, SUITE.limit(2), "refusal", refusal_detector="rules",
+                             max_new_tokens=4, progress=False)
+    assert result.refusal_method == "rules"
+    assert json.loads(result.write(tmp_path)["metrics"].read_text())["refusal_method"] == "rules"
+
+    class EverythingRefuses(RefusalDetector):
+        def predict(self, texts):
+            return [True] * len(texts)
+
+    # the refusal judge named by string reads refusals with the same detector as the rates
+    result = evaluate_models({"a": two_models["a"]}, SUITE, "refusal", refusal_detector=EverythingRefuses(),
+                             max_new_tokens=4, progress=False)
+    res = result.models["a"]
+    assert all(r["refused"] and r["verdict"]["safe"] for r in res.rows)
+    assert res.metrics["safety_rate"] == res.metrics["refusal_rate"] == 1.0 and res.metrics["harmful_rate"] == 0.0
+    assert result.refusal_method == "EverythingRefuses"
+    with pytest.raises(ValueError, match="unknown refusal method 'regex'"):
+        evaluate_models({"a": two_models["a"]}, SUITE.limit(2), "refusal", refusal_detector="regex", progress=False)
