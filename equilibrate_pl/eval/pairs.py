@@ -21,7 +21,6 @@ that prefers refusals everywhere scores high on `should_refuse` and low on `shou
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -146,14 +145,12 @@ def score_pairs(pairs: Sequence[PreferencePair], score_fn: ScoreFn, *, higher_is
 
 def write_pairs_report(results: dict[str, PairsResult], out_dir: str | Path) -> dict[str, Path]:
     """`metrics.json`, `report.md` and `scores.jsonl` (one row per scored completion and scorer), atomically."""
-    from equilibrate_pl.eval.report import _atomic_text
+    from equilibrate_pl.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(results.values()))
-    metrics = {"suite": first.suite, "scorers": {name: {"halves": {h: {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                                                    for k, v in r.halves[h].items()} for h in HALVES}}
-                                                 for name, r in results.items()}}
+    metrics = {"suite": first.suite, "scorers": {name: {"halves": r.halves} for name, r in results.items()}}
     names = list(results)
     lines = [f"# Pairwise accuracy on `{first.suite}`", "",
              "Preferred completion scored better than the dispreferred one (ties count half). should_respond: safe "
@@ -165,11 +162,11 @@ def write_pairs_report(results: dict[str, PairsResult], out_dir: str | Path) -> 
         lines.append(f"| {half} (macro over prompts) | " + " | ".join(f"{results[n].halves[half]['macro_accuracy']:.3f}" for n in names) + " |")
     lines.append("| pairs (should_respond / should_refuse) | " + " | ".join(
         f"{int(results[n].halves['should_respond']['pairs'])} / {int(results[n].halves['should_refuse']['pairs'])}" for n in names) + " |")
-    rows = [json.dumps({"scorer": n, **row}, ensure_ascii=False) for n, r in results.items() for row in r.scores]
+    atomic_write_jsonl(out / "scores.jsonl", ({"scorer": n, **row} for n, r in results.items() for row in r.scores))
     return {
-        "metrics": _atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n"),
-        "report": _atomic_text(out / "report.md", "\n".join(lines) + "\n"),
-        "scores": _atomic_text(out / "scores.jsonl", "\n".join(rows) + "\n"),
+        "metrics": atomic_write_json(out / "metrics.json", metrics),  # NaN is written as null
+        "report": atomic_write_text(out / "report.md", "\n".join(lines) + "\n"),
+        "scores": out / "scores.jsonl",
     }
 
 

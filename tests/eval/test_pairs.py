@@ -72,7 +72,7 @@ def test_bad_label_names_file_row_field(mini_xstest):
 
 def test_real_xstest_pair_counts(shared_data):
     """Counts against an independent count over the CSVs (prompt id -> labels)."""
-    folder = shared_data / "xstest"
+    folder = (shared_data / "xstest" / "xstest_prompts.csv").parent
     safe = {r["id"]: r["label"] == "safe" for r in csv.DictReader(open(folder / "xstest_prompts.csv", encoding="utf-8"))}
     counts = {}
     for model in MODELS:
