@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("equilibrate_pl.commands.train:dpo", "DPO / ADPO (LightningCLI)"),
     "ppo": ("equilibrate_pl.commands.train:ppo", "PPO / APPO / GRPO / RLOO (LightningCLI)"),
     "categorize": ("equilibrate_pl.commands.categorize:main", "FDC-label a data file"),
+    "pairs": ("equilibrate_pl.commands.pairs:main", "preference pairs around a model's own sampled answers"),
     "synthesize-mhd": ("equilibrate_pl.commands.categorize:synthesize_main", "merge EHD+IHD prompts into MHD"),
     "world": ("equilibrate_pl.commands.world:main", "write the built-in safety world to files"),
     "export": ("equilibrate_pl.commands.export:main", "checkpoint -> Hugging Face model directory"),

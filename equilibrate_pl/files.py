@@ -159,6 +159,49 @@ def atomic_write_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> int
     return n
 
 
+def append_lines(path: PathLike, text: str) -> None:
+    """Append ``text`` to ``path`` and make it durable (flush + fsync): a log a killed process may
+    leave with a torn last line, which :func:`read_jsonl_prefix` drops."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def append_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Append ``rows`` as JSON lines, durably (:func:`append_lines`); returns how many."""
+    lines = [dumps_json(row, ensure_ascii=False) + "\n" for row in rows]
+    if lines:
+        append_lines(path, "".join(lines))
+    return len(lines)
+
+
+def read_jsonl_prefix(path: PathLike) -> list[dict[str, Any]]:
+    """The complete JSON lines of an append-only log, up to the first one that does not parse (the
+    torn last line of a killed write); ``[]`` when the file does not exist."""
+    out = []
+    path = Path(path)
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def repair_jsonl_log(path: PathLike) -> list[dict[str, Any]]:
+    """:func:`read_jsonl_prefix`, and when a torn tail follows the complete lines, rewrite the file
+    (atomically) without it, so the next append starts on a line of its own."""
+    rows = read_jsonl_prefix(path)
+    path = Path(path)
+    if path.is_file():
+        kept = "".join(dumps_json(row, ensure_ascii=False) + "\n" for row in rows)
+        if path.read_text(encoding="utf-8") != kept:
+            atomic_write_text(path, kept)
+    return rows
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically (checkpoints, caches)."""
     import torch  # here: the JSON and text writers serve torch-free data code

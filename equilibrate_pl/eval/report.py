@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from equilibrate_pl.data.schema import GROUP_NAMES
-from equilibrate_pl.files import atomic_path, atomic_write_json, atomic_write_text, dumps_json, fsync_directory
+from equilibrate_pl.files import (
+    append_lines,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    dumps_json,
+    fsync_directory,
+    read_jsonl_prefix,
+)
 from equilibrate_pl.eval.judges import Judge, build_judge
 from equilibrate_pl.eval.metrics import (
     OVERALL,
@@ -290,23 +298,12 @@ class ResultsLog:
         atomic_write_text(run, dumps_json({**settings, "models": {**known, **models}}, indent=2) + "\n")
         self.finished = self._read()
 
-    @staticmethod
-    def _lines(path: Path) -> list[dict[str, Any]]:
-        out = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # the last line of a killed write
-                    break
-        return out
-
     def _read(self) -> dict[str, dict[str, Any]]:
         rows: dict[str, list[dict[str, Any]]] = {}
-        for row in self._lines(self.results):
+        for row in read_jsonl_prefix(self.results):
             rows.setdefault(row.pop("model"), []).append(row)
         finished = {}
-        for entry in self._lines(self.progress):
+        for entry in read_jsonl_prefix(self.progress):
             name = entry["model"]
             if len(rows.get(name, [])) == entry["rows"]:
                 finished[name] = {**entry, "row_list": rows[name]}
@@ -324,12 +321,8 @@ class ResultsLog:
         return entry
 
     def append(self, name: str, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
-        for path, text in ((self.results, "".join(_row_line(name, r) for r in rows)),
-                           (self.progress, dumps_json({"model": name, "rows": len(rows), **summary}) + "\n")):
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
+        append_lines(self.results, "".join(_row_line(name, r) for r in rows))
+        append_lines(self.progress, dumps_json({"model": name, "rows": len(rows), **summary}) + "\n")
         fsync_directory(self.out)
 
 
