@@ -30,9 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from equilibrate_pl.data.schema import PromptLike
-
-IGNORE_INDEX = -100
+from equilibrate_pl.data.schema import IGNORE_INDEX, PromptLike
 Features = dict[str, Any]
 
 

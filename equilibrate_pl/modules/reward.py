@@ -24,6 +24,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, additive_mask, group_rows_by_length, pack_pairs, right_padded_lengths
 from equilibrate_pl.algorithms.rewards import bradley_terry_loss, dense_rewards
+from equilibrate_pl.data.schema import IGNORE_INDEX
 from equilibrate_pl.distributed import is_multi_process
 from equilibrate_pl.modules.common import (
     SingleModelHooks,
@@ -37,8 +38,6 @@ from equilibrate_pl.modules.common import (
     save_plain_hyperparameters,
     step_is_logged,
 )
-
-IGNORE_INDEX = -100
 
 
 def stack_pairs(

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from equilibrate_pl.algorithms.logprobs import token_logprobs
+from equilibrate_pl.data.schema import IGNORE_INDEX
 from equilibrate_pl.modules.common import (
     SingleModelHooks,
     ModelSettings,
@@ -19,8 +20,6 @@ from equilibrate_pl.modules.common import (
     rank_max,
     save_plain_hyperparameters,
 )
-
-IGNORE_INDEX = -100
 
 
 class SFTModule(SingleModelHooks, LightningModule):
