@@ -53,6 +53,8 @@ from equilibrate_pl.algorithms.ppo import (
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.data.schema import GROUP_NAMES
 from equilibrate_pl.distributed import destroy_process_group_at_exit, is_multi_process
+from equilibrate_pl.models.forward import can_share_prompt_cache, shared_prompt_forward
+from equilibrate_pl.models.scalar_head import position_ids_from_mask
 from equilibrate_pl.modules.common import (
     ModelSettings,
     NonFiniteGuard,
@@ -66,14 +68,11 @@ from equilibrate_pl.modules.common import (
 from equilibrate_pl.modules.rollout import (
     Rollout,
     RolloutRNG,
-    can_share_prompt_cache,
     disable_dropout,
     gathered_for_generation,
     is_sharded,
-    position_ids_from_mask,
     response_mask,
     shard_module,
-    shared_prompt_forward,
 )
 
 log = logging.getLogger(__name__)
@@ -474,7 +473,7 @@ class PolicyModule(LightningModule):
         """Log-probs of the response tokens (B, R), optionally entropy and shared-head values.
 
         ``group`` > 1: rows come in blocks of ``group`` with the same prompt, which is run once
-        (:func:`~equilibrate_pl.modules.rollout.shared_prompt_forward`) when the model allows.
+        (:func:`~equilibrate_pl.models.forward.shared_prompt_forward`) when the model allows.
         """
         width = sequences.shape[1] - prompt_length
         if group > 1 and can_share_prompt_cache(model):

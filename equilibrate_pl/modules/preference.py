@@ -42,6 +42,8 @@ from equilibrate_pl.algorithms.dpo import dpo_loss
 from equilibrate_pl.algorithms.logprobs import first_scored_position, sequence_logprobs, tail_token_logprobs, token_logprobs
 from equilibrate_pl.algorithms.prefix_sharing import PackedPairs
 from equilibrate_pl.algorithms.rewards import dense_rewards
+from equilibrate_pl.data.schema import IGNORE_INDEX
+from equilibrate_pl.models.forward import accepts_logits_to_keep, pack_for, packed_forward_inputs, stack_pairs
 from equilibrate_pl.modules.common import (
     SingleModelHooks,
     ModelSettings,
@@ -55,20 +57,10 @@ from equilibrate_pl.modules.common import (
     rank_max,
     save_plain_hyperparameters,
 )
-from equilibrate_pl.modules.reward import IGNORE_INDEX, forward_takes, pack_for, packed_forward_inputs, stack_pairs
 
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether ``model(..., logits_to_keep=K)`` returns only the last K positions' logits.
-
-    True for transformers causal LMs that take the argument (Llama, Qwen2, Mistral, ... in
-    transformers 5); see :func:`~equilibrate_pl.modules.reward.forward_takes`.
-    """
-    return forward_takes(model, "logits_to_keep")
 
 
 @dataclass
@@ -246,7 +238,7 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         return packed.unpack_token_logprobs(logps, labels)
 
     def pack(self, model: torch.nn.Module, pairs: dict[str, torch.Tensor]) -> PackedPairs | None:
-        """The stacked pairs packed one pair per row (``modules.reward.pack_for``), or ``None`` when
+        """The stacked pairs packed one pair per row (``models.forward.pack_for``), or ``None`` when
         ``share_prompt`` is off, ``model`` cannot take the packed mask, or rows are not right padded."""
         if not self.share_prompt:
             return None

@@ -13,19 +13,17 @@ its own longest row, with no attention mask (:func:`group_rows_by_length`,
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.classification import BinaryAccuracy
 
-from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, additive_mask, group_rows_by_length, pack_pairs, right_padded_lengths
+from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, group_rows_by_length, right_padded_lengths
 from equilibrate_pl.algorithms.rewards import bradley_terry_loss, dense_rewards
 from equilibrate_pl.data.schema import IGNORE_INDEX
 from equilibrate_pl.distributed import is_multi_process
+from equilibrate_pl.models.forward import is_causal_model, pack_for, packed_forward_inputs, right_padded_scores, stack_pairs
 from equilibrate_pl.modules.common import (
     SingleModelHooks,
     ModelSettings,
@@ -38,132 +36,6 @@ from equilibrate_pl.modules.common import (
     save_plain_hyperparameters,
     step_is_logged,
 )
-
-
-def stack_pairs(
-    batch: dict[str, Any], pad_token_id: int, keys: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
-) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows in one (2B, L) batch, right-padded to the longer side.
-
-    One forward pass over both halves instead of two: half the kernel launches and one weight read.
-    """
-    width = max(batch[f"chosen_{keys[0]}"].shape[1], batch[f"rejected_{keys[0]}"].shape[1])
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    out = {}
-    for key in keys:
-        parts = []
-        for side in ("chosen", "rejected"):
-            t = batch[f"{side}_{key}"]
-            parts.append(F.pad(t, (0, width - t.shape[1]), value=fill.get(key, 0)))
-        out[key] = torch.cat(parts, dim=0)
-    return out
-
-
-def right_padded_scores(
-    model: torch.nn.Module, input_ids: torch.Tensor, lengths: Sequence[int], groups: Sequence[Sequence[int]]
-) -> torch.Tensor:
-    """(B,) float32 scores at each row's last real token, from one forward per group of rows.
-
-    Rows must be right-padded (``lengths[i]`` real tokens first) and the model causal: a real token
-    then only attends to real tokens before it, so cutting a group to its longest row and passing
-    no attention mask (plain causal attention, positions 0, 1, ...) gives the same scores as the
-    padded, masked forward, for less work (no padding columns beyond each group's longest row, no
-    4-D mask; sdpa runs its causal kernel).
-    """
-    device = input_ids.device
-    parts, rows_in_order = [], []
-    for rows in groups:
-        index = torch.tensor(rows, device=device)
-        width = max(lengths[i] for i in rows)
-        logits = model(input_ids=input_ids[index, :width], use_cache=False).logits  # (b, width, 1)
-        last = torch.tensor([lengths[i] - 1 for i in rows], device=device)
-        parts.append(logits[torch.arange(len(rows), device=device), last, 0])
-        rows_in_order.extend(rows)
-    scores = torch.cat(parts).float()
-    inverse = torch.empty(len(rows_in_order), dtype=torch.long)
-    inverse[torch.tensor(rows_in_order)] = torch.arange(len(rows_in_order))
-    return scores[inverse.to(device)]
-
-
-def is_causal_model(model: torch.nn.Module) -> bool:
-    """True when every attention module that declares ``is_causal`` (transformers' decoder
-    attention does) declares it True, and at least one does."""
-    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    return bool(flags) and all(flags)
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_parameters(cls: type) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(cls.forward).parameters)
-    except (TypeError, ValueError):  # a builtin or C-implemented forward
-        return frozenset()
-
-
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A PEFT model's base model (which receives its keyword arguments), else ``model`` itself."""
-    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-
-
-def forward_takes(model: torch.nn.Module, name: str) -> bool:
-    """Whether ``model``'s forward declares the keyword ``name`` (``**kwargs`` alone does not count:
-    a forward could swallow the argument). For a PEFT model the base model's forward is the one
-    checked (:func:`base_model`). Read once per class."""
-    return name in _forward_parameters(type(base_model(model)))
-
-
-def can_run_packed(model: torch.nn.Module, width: int = 0) -> bool:
-    """Whether ``model`` runs packed pairs (``algorithms.prefix_sharing``) of ``width`` positions exactly.
-
-    transformers passes a 4-D mask through unchanged to its sdpa and eager attention; flash and flex
-    attention take none, a model that is not causal would let the prefix see its branches, a forward
-    without ``position_ids`` cannot restart the rejected branch's positions, and a sliding window
-    shorter than the packed row would be lost under a custom mask.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    if not is_causal_model(model) or not forward_takes(model, "position_ids"):
-        return False
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return not (isinstance(window, int) and window < width)
-
-
-def packed_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """The boolean 4-D mask of packed pairs as ``model``'s attention takes it: as is for sdpa, as an
-    additive float mask for eager attention."""
-    if model.config._attn_implementation == "sdpa":
-        return mask
-    return additive_mask(mask, next(model.parameters()).dtype)
-
-
-def pack_for(
-    model: torch.nn.Module, chosen_ids: torch.Tensor, chosen_mask: torch.Tensor, rejected_ids: torch.Tensor,
-    rejected_mask: torch.Tensor, pad_token_id: int, width: int | None = None,
-) -> PackedPairs | None:
-    """The pairs packed one per row (``algorithms.prefix_sharing.pack_pairs``; ``width`` as there), or
-    ``None`` when ``model`` cannot run them (:func:`can_run_packed`) or a row is not right padded."""
-    if not can_run_packed(model):
-        return None
-    lengths = [right_padded_lengths(mask) for mask in (chosen_mask, rejected_mask)]
-    if lengths[0] is None or lengths[1] is None:
-        return None
-    device = chosen_ids.device
-    packed = pack_pairs(chosen_ids, torch.tensor(lengths[0], device=device), rejected_ids,
-                        torch.tensor(lengths[1], device=device), pad_token_id, width=width)
-    return packed if can_run_packed(model, packed.input_ids.shape[1]) else None
-
-
-def packed_forward_inputs(
-    model: torch.nn.Module, packed: PackedPairs, max_groups: int,
-) -> Iterator[tuple[torch.Tensor, int, dict[str, torch.Tensor]]]:
-    """``(rows, width, model inputs)`` of up to ``max_groups`` forwards over packed rows of similar
-    length, each cut to its longest row, the mask in ``model``'s form. One forward with several
-    processes: under FSDP every rank must run the same number of forwards."""
-    for index, width in packed.row_groups(1 if is_multi_process() else max_groups):
-        inputs = packed.inputs(index, width)
-        inputs["attention_mask"] = packed_mask_for(model, inputs["attention_mask"])
-        yield index, width, inputs
 
 
 class RewardModule(SingleModelHooks, LightningModule):

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from equilibrate_pl.algorithms.logprobs import first_scored_position, tail_token_logprobs, token_logprobs
+from equilibrate_pl.models.forward import _forward_parameters, accepts_logits_to_keep
 from equilibrate_pl.modules.common import ModelSettings
-from equilibrate_pl.modules.preference import AMASettings, PreferenceModule, accepts_logits_to_keep
-from equilibrate_pl.modules.reward import _forward_parameters
+from equilibrate_pl.modules.preference import AMASettings, PreferenceModule
 from tests.modules.test_preference import perturb
 
 BETA = 0.5

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+from equilibrate_pl.models.forward import can_run_packed
 from equilibrate_pl.modules.common import ModelSettings
 from equilibrate_pl.modules.preference import AMASettings, PreferenceModule
-from equilibrate_pl.modules.reward import can_run_packed
 from tests.modules.test_preference import perturb
 from tests.modules.test_preference_logits import BETA, SUM_TOL, TOL, expected_loss, full_forward_logps, stacked
 

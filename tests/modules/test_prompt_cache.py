@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from equilibrate_pl.modules.policy import PolicyModule
-from equilibrate_pl.modules.rollout import Rollout, can_share_prompt_cache, position_ids_from_mask, shared_prompt_forward
+from equilibrate_pl.models.forward import can_share_prompt_cache, shared_prompt_forward
+from equilibrate_pl.models.scalar_head import position_ids_from_mask
+from equilibrate_pl.modules.rollout import Rollout
 from tests.modules.test_policy import PROMPTS, loader, make_trainer, prompt_batch, tiny_tokenizer_and_models
 
 K, P, R = 3, 7, 5

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
+from equilibrate_pl.algorithms.prefix_sharing import group_rows_by_length, right_padded_lengths
+from equilibrate_pl.models.forward import is_causal_model, stack_pairs
 from equilibrate_pl.modules.common import OptimSettings, step_is_logged
-from equilibrate_pl.modules.reward import RewardModule, group_rows_by_length, is_causal_model, right_padded_lengths, stack_pairs
+from equilibrate_pl.modules.reward import RewardModule
 
 GROUPS = ("EHD", "IHD", "MHD", "general")
 
