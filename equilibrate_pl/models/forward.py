@@ -1,11 +1,17 @@
 """Forward passes the training stages share, and what a model's forward can take.
 
-Preference pairs (DPO and the reward model) run stacked, ``[chosen; rejected]`` in one batch
-(:func:`stack_pairs`), or packed one pair per row with the prompt computed once
-(``algorithms.prefix_sharing``; :func:`pack_for`, :func:`packed_forward_inputs`) where the model
-allows (:func:`can_run_packed`). Rollouts with several responses per prompt run the prompt once on a
-repeated KV cache (:func:`shared_prompt_forward`). The capability checks read the model's forward
-signature and attention settings (:func:`forward_takes`, :func:`is_causal_model`).
+Two entry points for preference pairs, stacked ``[chosen; rejected]`` as (2B, L) rows
+(:func:`stack_pairs`): :func:`forward_token_logprobs` (a causal LM's log-probs of the labelled
+tokens; DPO/ADPO) and :func:`forward_scores` (a scalar-head model's sequence scores; the reward
+model). Both run each pair as one packed row with the prompt computed once
+(``algorithms.prefix_sharing``) where the model allows it (:func:`can_run_packed`), else the
+stacked rows, in up to ``length_groups`` forwards of rows of similar length, and return the
+stacked layout either way: callers never see which path ran. The LM head runs in one place,
+:func:`lm_token_logprobs`.
+
+Rollouts with several responses per prompt run the prompt once on a repeated KV cache
+(:func:`shared_prompt_forward`). The capability checks read a model's forward signature and
+attention settings (:func:`forward_takes`, :func:`is_causal_model`).
 """
 
 from __future__ import annotations
@@ -18,10 +24,76 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, additive_mask, pack_pairs, right_padded_lengths
+from equilibrate_pl.algorithms.logprobs import first_scored_position, tail_token_logprobs, token_logprobs
+from equilibrate_pl.algorithms.prefix_sharing import (
+    PackedPairs,
+    additive_mask,
+    group_rows_by_length,
+    pack_pairs,
+    right_padded_lengths,
+)
 from equilibrate_pl.data.schema import IGNORE_INDEX
 from equilibrate_pl.distributed import is_multi_process
-from equilibrate_pl.models.scalar_head import position_ids_from_mask
+from equilibrate_pl.models.scalar_head import last_token_scores, position_ids_from_mask, position_scores
+
+# --------------------------------------------------------------------------------------------
+# What a model's forward can take
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):  # a builtin or C-implemented forward
+        return frozenset()
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """A PEFT model's base model (which receives its keyword arguments), else ``model`` itself."""
+    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
+def forward_takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward declares the keyword ``name`` (``**kwargs`` alone does not count:
+    a forward could swallow the argument). For a PEFT model the base model's forward is the one
+    checked (:func:`base_model`). Read once per class."""
+    return name in _forward_parameters(type(base_model(model)))
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model(..., logits_to_keep=K)`` returns only the last K positions' logits (transformers
+    causal LMs: Llama, Qwen2, Mistral, ...)."""
+    return forward_takes(model, "logits_to_keep")
+
+
+def is_causal_model(model: nn.Module) -> bool:
+    """True when every attention module that declares ``is_causal`` (transformers' decoder
+    attention does) declares it True, and at least one does."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
+def can_run_packed(model: nn.Module, width: int = 0) -> bool:
+    """Whether ``model`` runs packed pairs (``algorithms.prefix_sharing``) of ``width`` positions exactly.
+
+    transformers passes a 4-D mask through unchanged to its sdpa and eager attention; flash and flex
+    attention take none, a model that is not causal would let the prefix see its branches, a forward
+    without ``position_ids`` cannot restart the rejected branch's positions, and a sliding window
+    shorter than the packed row would be lost under a custom mask.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if not is_causal_model(model) or not forward_takes(model, "position_ids"):
+        return False
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return not (isinstance(window, int) and window < width)
+
+
+# --------------------------------------------------------------------------------------------
+# Preference pairs: stacked or packed
+# --------------------------------------------------------------------------------------------
 
 
 def stack_pairs(
@@ -43,8 +115,131 @@ def stack_pairs(
     return out
 
 
+def pack_for(model: nn.Module, pairs: dict[str, torch.Tensor], pad_token_id: int) -> PackedPairs | None:
+    """Stacked ``pairs`` (:func:`stack_pairs`) packed one pair per row (``prefix_sharing.pack_pairs``),
+    or ``None`` when ``model`` cannot run them (:func:`can_run_packed`) or a row is not right padded."""
+    if not can_run_packed(model):
+        return None
+    ids = pairs["input_ids"]
+    lengths = right_padded_lengths(pairs["attention_mask"])
+    if lengths is None:
+        return None
+    half = ids.shape[0] // 2
+    lengths_t = torch.tensor(lengths, device=ids.device)
+    packed = pack_pairs(ids[:half], lengths_t[:half], ids[half:], lengths_t[half:], pad_token_id, width=ids.shape[1])
+    return packed if can_run_packed(model, packed.input_ids.shape[1]) else None
+
+
+def _forward_count(length_groups: int) -> int:
+    # Sharded strategies (FSDP) all-gather in every forward: each rank must run the same number of
+    # forwards, and a data-dependent split would leave ranks waiting on each other.
+    if length_groups < 1:
+        raise ValueError(f"length_groups must be >= 1, got {length_groups}")
+    return 1 if is_multi_process() else length_groups
+
+
+def _packed_forward_inputs(
+    model: nn.Module, packed: PackedPairs, length_groups: int,
+) -> Iterator[tuple[torch.Tensor, int, dict[str, torch.Tensor]]]:
+    """``(rows, width, model inputs)`` of up to ``length_groups`` forwards over packed rows of
+    similar length, each cut to its longest row, the mask as ``model``'s attention takes it (as is
+    for sdpa, additive for eager)."""
+    for index, width in packed.row_groups(_forward_count(length_groups)):
+        inputs = packed.inputs(index, width)
+        if model.config._attn_implementation != "sdpa":
+            inputs["attention_mask"] = additive_mask(inputs["attention_mask"], next(model.parameters()).dtype)
+        yield index, width, inputs
+
+
+# --------------------------------------------------------------------------------------------
+# The entry points
+# --------------------------------------------------------------------------------------------
+
+
+def lm_token_logprobs(model: nn.Module, labels: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) log-probs of ``labels`` (``IGNORE_INDEX`` where none is wanted) under causal LM
+    ``model`` run on ``inputs``; entry t is token t+1's.
+
+    The LM head runs only from the first position any row scores (``logits_to_keep``) when the
+    model takes it: the (B, L, V) logits are a step's largest tensors, and a prompt is never scored.
+    """
+    mask = labels != IGNORE_INDEX
+    if not accepts_logits_to_keep(model):
+        return token_logprobs(model(**inputs, use_cache=False).logits, labels, mask)
+    keep = labels.shape[1] - first_scored_position(mask)
+    return tail_token_logprobs(model(**inputs, use_cache=False, logits_to_keep=keep).logits, labels, mask)
+
+
+def forward_token_logprobs(
+    model: nn.Module, pairs: dict[str, torch.Tensor], pad_token_id: int, share_prompt: bool = True,
+    length_groups: int = 2,
+) -> torch.Tensor:
+    """(2B, L-1) log-probs of the labelled tokens of stacked ``pairs`` under causal LM ``model``
+    (entry t: token t+1; zero where the label is ``IGNORE_INDEX``).
+
+    Args:
+        pairs: ``input_ids``, ``attention_mask``, ``labels`` (2B, L), chosen rows then rejected
+            (:func:`stack_pairs`).
+        pad_token_id: written after each packed row's end.
+        share_prompt: run each pair as one packed row, the prompt computed once, where
+            :func:`pack_for` allows; otherwise (or ``False``) the stacked rows in one forward.
+        length_groups: packed rows run in up to this many forwards of rows of similar length
+            (``prefix_sharing.group_rows_by_length``); always one with several processes.
+    """
+    labels = pairs["labels"]
+    packed = pack_for(model, pairs, pad_token_id) if share_prompt else None
+    if packed is None:
+        return lm_token_logprobs(model, labels, input_ids=pairs["input_ids"], attention_mask=pairs["attention_mask"])
+    packed_labels = packed.labels(labels)
+    width = packed_labels.shape[1]
+    logps = torch.zeros(packed_labels.shape[0], width - 1, device=labels.device)
+    for index, cut, inputs in _packed_forward_inputs(model, packed, length_groups):
+        part = lm_token_logprobs(model, packed_labels[index, :cut], **inputs)
+        logps = logps.index_put((index,), F.pad(part.to(logps.dtype), (0, width - cut)))
+    return packed.unpack_token_logprobs(logps, labels)
+
+
+def forward_scores(
+    model: nn.Module, pairs: dict[str, torch.Tensor], pad_token_id: int, share_prompt: bool = True,
+    length_groups: int = 2,
+) -> torch.Tensor:
+    """(2B,) float32 scores of scalar-head ``model`` at the last real token of each stacked row of
+    ``pairs`` (chosen rows, then rejected); arguments as in :func:`forward_token_logprobs`.
+
+    Packed pairs read both scores from one row; otherwise :func:`sequence_scores` scores the rows.
+    """
+    packed = pack_for(model, pairs, pad_token_id) if share_prompt else None
+    if packed is None:
+        return sequence_scores(model, pairs["input_ids"], pairs["attention_mask"], length_groups)
+    rows = packed.input_ids.shape[0]
+    chosen = torch.empty(rows, device=packed.input_ids.device)
+    rejected = torch.empty_like(chosen)
+    for index, _, inputs in _packed_forward_inputs(model, packed, length_groups):
+        logits = model(**inputs, use_cache=False).logits[..., 0]
+        at = torch.arange(index.shape[0], device=index.device)
+        chosen = chosen.index_put((index,), logits[at, packed.chosen_last[index]].float())
+        rejected = rejected.index_put((index,), logits[at, packed.rejected_last[index]].float())
+    return torch.cat([chosen, rejected])
+
+
+def sequence_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, length_groups: int = 2,
+) -> torch.Tensor:
+    """(B,) float32 scores of scalar-head ``model`` at each row's last real token.
+
+    Right-padded rows of a causal model run through :func:`right_padded_scores` in up to
+    ``length_groups`` forwards (always one with several processes); anything else (left padding)
+    through one masked forward.
+    """
+    lengths = right_padded_lengths(attention_mask) if is_causal_model(model) else None
+    if lengths is None:
+        return last_token_scores(position_scores(model, input_ids, attention_mask), attention_mask)
+    groups = group_rows_by_length(lengths, _forward_count(length_groups))
+    return right_padded_scores(model, input_ids, lengths, groups)
+
+
 def right_padded_scores(
-    model: torch.nn.Module, input_ids: torch.Tensor, lengths: Sequence[int], groups: Sequence[Sequence[int]]
+    model: nn.Module, input_ids: torch.Tensor, lengths: Sequence[int], groups: Sequence[Sequence[int]]
 ) -> torch.Tensor:
     """(B,) float32 scores at each row's last real token, from one forward per group of rows.
 
@@ -69,94 +264,9 @@ def right_padded_scores(
     return scores[inverse.to(device)]
 
 
-def is_causal_model(model: torch.nn.Module) -> bool:
-    """True when every attention module that declares ``is_causal`` (transformers' decoder
-    attention does) declares it True, and at least one does."""
-    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    return bool(flags) and all(flags)
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_parameters(cls: type) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(cls.forward).parameters)
-    except (TypeError, ValueError):  # a builtin or C-implemented forward
-        return frozenset()
-
-
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A PEFT model's base model (which receives its keyword arguments), else ``model`` itself."""
-    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-
-
-def forward_takes(model: torch.nn.Module, name: str) -> bool:
-    """Whether ``model``'s forward declares the keyword ``name`` (``**kwargs`` alone does not count:
-    a forward could swallow the argument). For a PEFT model the base model's forward is the one
-    checked (:func:`base_model`). Read once per class."""
-    return name in _forward_parameters(type(base_model(model)))
-
-
-def can_run_packed(model: torch.nn.Module, width: int = 0) -> bool:
-    """Whether ``model`` runs packed pairs (``algorithms.prefix_sharing``) of ``width`` positions exactly.
-
-    transformers passes a 4-D mask through unchanged to its sdpa and eager attention; flash and flex
-    attention take none, a model that is not causal would let the prefix see its branches, a forward
-    without ``position_ids`` cannot restart the rejected branch's positions, and a sliding window
-    shorter than the packed row would be lost under a custom mask.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    if not is_causal_model(model) or not forward_takes(model, "position_ids"):
-        return False
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return not (isinstance(window, int) and window < width)
-
-
-def packed_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """The boolean 4-D mask of packed pairs as ``model``'s attention takes it: as is for sdpa, as an
-    additive float mask for eager attention."""
-    if model.config._attn_implementation == "sdpa":
-        return mask
-    return additive_mask(mask, next(model.parameters()).dtype)
-
-
-def pack_for(
-    model: torch.nn.Module, chosen_ids: torch.Tensor, chosen_mask: torch.Tensor, rejected_ids: torch.Tensor,
-    rejected_mask: torch.Tensor, pad_token_id: int, width: int | None = None,
-) -> PackedPairs | None:
-    """The pairs packed one per row (``algorithms.prefix_sharing.pack_pairs``; ``width`` as there), or
-    ``None`` when ``model`` cannot run them (:func:`can_run_packed`) or a row is not right padded."""
-    if not can_run_packed(model):
-        return None
-    lengths = [right_padded_lengths(mask) for mask in (chosen_mask, rejected_mask)]
-    if lengths[0] is None or lengths[1] is None:
-        return None
-    device = chosen_ids.device
-    packed = pack_pairs(chosen_ids, torch.tensor(lengths[0], device=device), rejected_ids,
-                        torch.tensor(lengths[1], device=device), pad_token_id, width=width)
-    return packed if can_run_packed(model, packed.input_ids.shape[1]) else None
-
-
-def packed_forward_inputs(
-    model: torch.nn.Module, packed: PackedPairs, max_groups: int,
-) -> Iterator[tuple[torch.Tensor, int, dict[str, torch.Tensor]]]:
-    """``(rows, width, model inputs)`` of up to ``max_groups`` forwards over packed rows of similar
-    length, each cut to its longest row, the mask in ``model``'s form. One forward with several
-    processes: under FSDP every rank must run the same number of forwards."""
-    for index, width in packed.row_groups(1 if is_multi_process() else max_groups):
-        inputs = packed.inputs(index, width)
-        inputs["attention_mask"] = packed_mask_for(model, inputs["attention_mask"])
-        yield index, width, inputs
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether ``model(..., logits_to_keep=K)`` returns only the last K positions' logits.
-
-    True for transformers causal LMs that take the argument (Llama, Qwen2, Mistral, ... in
-    transformers 5); see :func:`forward_takes`.
-    """
-    return forward_takes(model, "logits_to_keep")
+# --------------------------------------------------------------------------------------------
+# Rollouts: several responses on one prompt
+# --------------------------------------------------------------------------------------------
 
 
 def cache_keyword(model: nn.Module) -> str | None:

@@ -186,8 +186,8 @@ def test_precomputed_cache_gives_the_same_loss_and_is_reused(records: list[dict[
     batch = make_batch(live, records)
     loader = [make_batch(live, records[:2]), {**make_batch(live, records[2:]), "index": torch.tensor([2, 3])}]
     assert cached.precompute({"train": loader}) == 4
-    path = cached._cache_path()
-    cached._save_cache_file(path)
+    path = cached.cache_path()
+    cached.reference_cache.save(path)
     calls = []
     cached.reference_token_logprobs = lambda pairs: calls.append(1)  # type: ignore[method-assign]
     perturb(live.model)
@@ -195,7 +195,7 @@ def test_precomputed_cache_gives_the_same_loss_and_is_reused(records: list[dict[
     torch.testing.assert_close(cached.compute_loss(batch, "train")[0], live.compute_loss(batch, "train")[0])
     assert not calls  # the reference was not run
     fresh = PreferenceModule(**kwargs, precompute_reference=True, cache_dir=str(tmp_path))
-    fresh._load_cache_file(path)
+    assert fresh.reference_cache.load(path) == 4
     assert fresh.precompute({"train": loader}) == 0
     # Different tokens under the same index are recomputed, not served from the cache.
     other = make_batch(live, records[1:4])
