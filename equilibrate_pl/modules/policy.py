@@ -37,7 +37,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from equilibrate_pl.algorithms.ama import appo_mask
+from equilibrate_pl.algorithms.ama import APPOSettings, appo_mask
 from equilibrate_pl.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from equilibrate_pl.algorithms.logprobs import token_logprobs
 from equilibrate_pl.algorithms.ppo import (
@@ -176,23 +176,6 @@ class KLSettings:
     horizon: int = 10000
 
 
-@dataclass
-class AMASettings:
-    """APPO's adaptive message-wise mask (METHOD.md section 3). ``enabled=False`` is plain PPO.
-
-    Args:
-        token_signal: ``value`` (the critic's V_t, as the authors' code) or ``dense_reward``
-            (differences of the reward model's prefix scores). Critic-free advantages need
-            ``dense_reward``.
-        baseline: ``zero`` or ``batch_mean`` (mean signal over all real response tokens of the
-            global batch).
-    """
-
-    enabled: bool = False
-    token_signal: Literal["value", "dense_reward"] = "value"
-    baseline: Literal["zero", "batch_mean"] = "zero"
-
-
 AdvantageEstimator = Literal["gae", "grpo", "rloo"]
 
 
@@ -262,7 +245,7 @@ class PolicyModule(LightningModule):
         generation: Optional[GenerationSettings] = None,
         ppo: Optional[PPOSettings] = None,
         kl: Optional[KLSettings] = None,
-        ama: Optional[AMASettings] = None,
+        ama: Optional[APPOSettings] = None,
         advantage: AdvantageEstimator = "gae",
         samples_per_prompt: int = 1,
         actor_optim: Optional[OptimSettings] = None,
@@ -279,7 +262,7 @@ class PolicyModule(LightningModule):
         self.generation = coerce_settings(GenerationSettings, generation) or GenerationSettings()
         self.ppo = coerce_settings(PPOSettings, ppo) or PPOSettings()
         self.kl = coerce_settings(KLSettings, kl) or KLSettings()
-        self.ama = coerce_settings(AMASettings, ama) or AMASettings()
+        self.ama = coerce_settings(APPOSettings, ama) or APPOSettings()
         self.actor_optim = coerce_settings(OptimSettings, actor_optim) or OptimSettings(lr=1e-5, scheduler="constant")
         self.critic_optim = coerce_settings(OptimSettings, critic_optim) or OptimSettings(lr=1e-5, scheduler="constant")
         if advantage not in ("gae", "grpo", "rloo"):
@@ -1008,4 +991,4 @@ def _adapter_disabled(model: nn.Module) -> Any:
     return adapter_disabled(model)
 
 
-__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "AMASettings", "Rollout"]
+__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "Rollout"]

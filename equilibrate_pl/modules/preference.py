@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +34,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
-from equilibrate_pl.algorithms.ama import adpo_masks, kept_fraction
+from equilibrate_pl.algorithms.ama import ADPOSettings, adpo_masks, kept_fraction
 from equilibrate_pl.algorithms.dpo import dpo_loss
 from equilibrate_pl.algorithms.logprobs import sequence_logprobs
 from equilibrate_pl.algorithms.rewards import dense_rewards
@@ -58,30 +57,6 @@ from equilibrate_pl.modules.reference_cache import ReferenceCache, fingerprint, 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class AMASettings:
-    """Adaptive Message-wise Alignment for DPO (ADPO).
-
-    Args:
-        enabled: mask the per-token log-probs; ``False`` is exactly DPO.
-        token_signal: ``dense_reward`` (differences of a reward model's prefix scores; needs
-            ``reward_model``), ``implicit`` (beta*(log pi - log pi_ref) per token, detached), or
-            ``field`` (the batch's ``chosen_token_signal`` / ``rejected_token_signal``).
-        baseline: ``zero`` or ``batch_mean`` (mean signal over every real response token of the
-            batch, chosen and rejected together).
-    """
-
-    enabled: bool = False
-    token_signal: Literal["dense_reward", "implicit", "field"] = "implicit"
-    baseline: Literal["zero", "batch_mean"] = "zero"
-
-    def __post_init__(self) -> None:
-        if self.token_signal not in ("dense_reward", "implicit", "field"):
-            raise ValueError(f"ama.token_signal must be dense_reward, implicit or field, got {self.token_signal!r}")
-        if self.baseline not in ("zero", "batch_mean"):
-            raise ValueError(f"ama.baseline must be zero or batch_mean, got {self.baseline!r}")
-
-
 class PreferenceModule(SingleModelHooks, LightningModule):
     """DPO / ADPO on preference batches (``chosen_*`` / ``rejected_*``, right padded).
 
@@ -94,7 +69,7 @@ class PreferenceModule(SingleModelHooks, LightningModule):
             tokens, never masked): RPO (Pang et al., 2024; TRL's ``rpo_alpha``). DPO alone can lower
             the likelihood of the chosen answers too ("likelihood displacement"); small models then
             drift to a third kind of answer. 0 = plain DPO / ADPO.
-        ama: ADPO settings (``AMASettings``); disabled = DPO.
+        ama: ADPO settings (``algorithms.ama.ADPOSettings``); disabled = DPO.
         reference: ``copy`` (a frozen second copy of the starting weights) or
             ``adapter_disabled`` (the policy's base with its LoRA adapter switched off; needs
             ``model.lora``; no second copy in memory).
@@ -121,7 +96,7 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         nll_weight: float = 0.0,
-        ama: AMASettings | None = None,
+        ama: ADPOSettings | None = None,
         reference: Literal["copy", "adapter_disabled"] = "copy",
         reward_model: str | None = None,
         precompute_reference: bool = False,
@@ -133,7 +108,7 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         super().__init__()
         self.model_settings: ModelSettings = coerce_settings(ModelSettings, model) or ModelSettings()
         self.optim: OptimSettings = coerce_settings(OptimSettings, optim) or OptimSettings(lr=1e-5)
-        self.ama: AMASettings = coerce_settings(AMASettings, ama) or AMASettings()
+        self.ama: ADPOSettings = coerce_settings(ADPOSettings, ama) or ADPOSettings()
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:

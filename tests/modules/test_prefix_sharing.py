@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import torch
 
+from equilibrate_pl.algorithms.ama import ADPOSettings
 from equilibrate_pl.models.forward import can_run_packed, pack_for
 from equilibrate_pl.modules.common import ModelSettings
-from equilibrate_pl.modules.preference import AMASettings, PreferenceModule
+from equilibrate_pl.modules.preference import PreferenceModule
 from tests.modules.test_preference import perturb
 from tests.modules.test_preference_logits import BETA, SUM_TOL, TOL, expected_loss, full_forward_logps, stacked
 
@@ -74,7 +75,7 @@ def grads(module: PreferenceModule, batch: dict[str, torch.Tensor]) -> tuple[tor
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_step_equals_full_forward_with_a_frozen_copy(attention: str) -> None:
-    module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=True, token_signal="implicit"), length_groups=1)
+    module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="implicit"), length_groups=1)
     for model in (module.model, module.reference):
         model.set_attn_implementation(attention)
     assert module.share_prompt and can_run_packed(module.model)
@@ -105,7 +106,7 @@ def test_packed_step_equals_full_forward_with_a_frozen_copy(attention: str) -> N
 
 def test_packed_gradients_equal_the_stacked_ones_with_lora() -> None:
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
-                              ama=AMASettings(enabled=True, token_signal="implicit"))
+                              ama=ADPOSettings(enabled=True, token_signal="implicit"))
     perturb(module.model)
     batch = shared_prompt_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=3)
     ids, attn, labels = stacked(batch, module.tokenizer.pad_token_id)

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from equilibrate_pl.modules.policy import PolicyModule
 from equilibrate_pl.models.forward import can_share_prompt_cache, shared_prompt_forward
 from equilibrate_pl.models.scalar_head import position_ids_from_mask
+from equilibrate_pl.modules.policy import PolicyModule
 from equilibrate_pl.modules.rollout import Rollout
 from tests.modules.test_policy import PROMPTS, loader, make_trainer, prompt_batch, tiny_tokenizer_and_models
 

@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-from equilibrate_pl.modules.common import OptimSettings
 from equilibrate_pl.algorithms.rewards import bradley_terry_loss
+from equilibrate_pl.modules.common import OptimSettings
 from equilibrate_pl.modules.reward import RewardModule
 
 
