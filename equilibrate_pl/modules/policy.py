@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from torch import nn
 
@@ -42,7 +41,6 @@ from equilibrate_pl.algorithms.kl import AdaptiveKLController, FixedKLController
 from equilibrate_pl.algorithms.logprobs import token_logprobs
 from equilibrate_pl.algorithms.ppo import (
     entropy_from_logits,
-    explained_variance,
     gae,
     group_advantages,
     masked_mean,
@@ -52,7 +50,17 @@ from equilibrate_pl.algorithms.ppo import (
 )
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.data.schema import GROUP_NAMES
-from equilibrate_pl.distributed import destroy_process_group_at_exit, is_multi_process
+from equilibrate_pl.distributed import (
+    all_gather_objects,
+    all_ranks_agree,
+    all_sum,
+    destroy_process_group_at_exit,
+    global_explained_variance,
+    global_masked_stats,
+    is_multi_process,
+    rank,
+    world_size,
+)
 from equilibrate_pl.models.forward import can_share_prompt_cache, shared_prompt_forward
 from equilibrate_pl.models.scalar_head import position_ids_from_mask
 from equilibrate_pl.modules.common import (
@@ -177,33 +185,6 @@ class KLSettings:
 
 
 AdvantageEstimator = Literal["gae", "grpo", "rloo"]
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops on one process)
-# --------------------------------------------------------------------------------------------
-
-
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().clone().float()
-    if is_multi_process():
-        dist.all_reduce(t)
-    return t
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if is_multi_process() else 1
-
-
-def _global_masked_stats(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, unbiased var) of ``values`` over ``mask`` on every rank together."""
-    m = mask.bool()
-    v = torch.where(m, values.float(), torch.zeros_like(values, dtype=torch.float32))
-    s = _all_sum(torch.stack([v.sum(), (v * v).sum(), m.sum().float()]))
-    n = s[2].clamp(min=1)
-    mean = s[0] / n
-    var = (s[1] / n - mean**2).clamp(min=0) * n / (n - 1).clamp(min=1)
-    return mean, var
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,11 +491,9 @@ class PolicyModule(LightningModule):
             p = rollout.prompt_length
             prompts = torch.stack([rollout.sequences[index, :p], rollout.attention_mask[index, :p]]).view(2, -1, k, p)
             ok = bool((prompts == prompts[:, :, :1]).all())
-        if is_multi_process():
-            # The shared path runs two forwards per model: under FSDP (an all-gather in each) every
-            # rank must take the same path.
-            ok = int(_all_sum(torch.tensor(float(ok), device=self.device)).item()) == _world_size()
-        return k if ok else 1
+        # The shared path runs two forwards per model: under FSDP (an all-gather in each) every
+        # rank must take the same path.
+        return k if all_ranks_agree(ok, self.device) else 1
 
     # ----------------------------------------------------------------------------- rollout phases
 
@@ -636,7 +615,7 @@ class PolicyModule(LightningModule):
             advantages = seq_adv.unsqueeze(1) * mask
             returns = torch.zeros_like(advantages)
         if self.ppo.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, stats=_global_masked_stats(advantages, mask))
+            advantages = masked_whiten(advantages, mask, stats=global_masked_stats(advantages, mask))
         return advantages, returns
 
     def token_signal(self, rollout: Rollout) -> torch.Tensor:
@@ -652,7 +631,7 @@ class PolicyModule(LightningModule):
             return mask
         signal = self.token_signal(rollout)
         if self.ama.baseline == "batch_mean":
-            baseline: Any = float(_global_masked_stats(signal, mask)[0])
+            baseline: Any = float(global_masked_stats(signal, mask)[0])
         else:
             baseline = "zero"
         keep, fallback = appo_mask(rollout.advantages, signal, mask, baseline=baseline, return_fallbacks=True)
@@ -687,7 +666,7 @@ class PolicyModule(LightningModule):
         if stats is None:
             return None
         self._step_schedulers()
-        self.kl_controller.update(float(stats["kl/sequence"]), n_steps=int(_all_sum(torch.tensor(float(len(rollout.groups)), device=self.device))))
+        self.kl_controller.update(float(stats["kl/sequence"]), n_steps=int(all_sum(torch.tensor(float(len(rollout.groups)), device=self.device))))
         self._log_step(batch, rollout, stats, timings)
         return None
 
@@ -699,7 +678,7 @@ class PolicyModule(LightningModule):
         actor_opt = optimizers[0]
         critic_opt = optimizers[1] if len(optimizers) > 1 else None
         shared = self.value_head is not None and self.uses_critic
-        world = _world_size()
+        world = world_size()
         n = rollout.sequences.shape[0]
         p = rollout.prompt_length
         sums: dict[str, float] = {}
@@ -714,7 +693,7 @@ class PolicyModule(LightningModule):
                 mb = rollout.select(idx)
                 # Normalise by the GLOBAL token counts of this minibatch: with gradients averaged
                 # over ranks, N processes then take exactly the step of one holding all rows.
-                counts = _all_sum(torch.stack([mb["policy_mask"].sum(), mb["response_mask"].sum()]).float().to(self.device))
+                counts = all_sum(torch.stack([mb["policy_mask"].sum(), mb["response_mask"].sum()]).float().to(self.device))
                 policy_norm = counts[0].clamp(min=1) / world
                 token_norm = counts[1].clamp(min=1) / world
                 if rollout.update_forward is not None:
@@ -773,11 +752,11 @@ class PolicyModule(LightningModule):
         keys = sorted(sums)
         # Losses normalised by global counts sum over ranks to the global loss, divided by `world`
         # because each was multiplied by it; plain statistics are averaged: both are sum / world.
-        reduced = _all_sum(torch.tensor([sums[k] / count for k in keys], device=self.device)) / world
+        reduced = all_sum(torch.tensor([sums[k] / count for k in keys], device=self.device)) / world
         out_stats: dict[str, torch.Tensor] = {key: reduced[i] for i, key in enumerate(keys)}
         out_stats["ppo/first_ratio_max_deviation"] = torch.tensor(first_deviation)
         m = rollout.response_mask
-        seq_kl = _all_sum(torch.stack([(rollout.kl * m).sum(), torch.tensor(float(m.shape[0]), device=m.device)]))
+        seq_kl = all_sum(torch.stack([(rollout.kl * m).sum(), torch.tensor(float(m.shape[0]), device=m.device)]))
         out_stats["kl/sequence"] = seq_kl[0] / seq_kl[1]
         return out_stats
 
@@ -799,7 +778,7 @@ class PolicyModule(LightningModule):
 
     def _check_finite(self, finite: torch.Tensor, what: str) -> bool:
         """Skip (all ranks together) on a non-finite batch; the guard raises after N in a row."""
-        bad = _all_sum((~finite.bool()).float().reshape(()).to(self.device))
+        bad = all_sum((~finite.bool()).float().reshape(()).to(self.device))
         marker = torch.where(bad > 0, torch.tensor(float("nan"), device=self.device), torch.zeros((), device=self.device))
         ok = self.nonfinite_guard.check(marker, step=self.global_step)
         if not ok:
@@ -833,7 +812,7 @@ class PolicyModule(LightningModule):
         group_sums[:, :-1].index_add_(0, g_index, per_row)
         if refusals is not None:
             group_sums[:, -1].index_add_(0, g_index, refusals.float())
-        group_sums = _all_sum(group_sums)
+        group_sums = all_sum(group_sums)
         total = group_sums.sum(0)
         rows = total[10].clamp(min=1)
         mean_score = total[0] / rows
@@ -849,12 +828,12 @@ class PolicyModule(LightningModule):
             "ama/kept_fraction": total[6] / total[5].clamp(min=1),
             "ama/fallbacks": total[8],
         }
-        mask_sum = _all_sum(torch.stack([(keep & m).sum().float(), m.sum().float()]))
+        mask_sum = all_sum(torch.stack([(keep & m).sum().float(), m.sum().float()]))
         metrics["ama/kept_fraction"] = mask_sum[0] / mask_sum[1].clamp(min=1)
         if refusals is not None:
             metrics["response/refusal_rate"] = total[11] / rows
         if rollout.values is not None:
-            metrics["ppo/value_explained_variance"] = _global_explained_variance(rollout.values, rollout.returns, m)
+            metrics["ppo/value_explained_variance"] = global_explained_variance(rollout.values, rollout.returns, m)
         metrics.update(stats)
         for i, name in enumerate(list(GROUP_NAMES) + ["other"]):
             n_rows = group_sums[i, 10]
@@ -900,8 +879,7 @@ class PolicyModule(LightningModule):
     # ----------------------------------------------------------------------------- state
 
     def _init_rng(self) -> None:
-        rank = dist.get_rank() if is_multi_process() else 0
-        self.rollout_rng = RolloutRNG(self.seed + rank, self.device)
+        self.rollout_rng = RolloutRNG(self.seed + rank(), self.device)
         if self._pending_rng_state is not None:
             self.rollout_rng.load_state_dict(self._pending_rng_state)
             self._pending_rng_state = None
@@ -915,16 +893,10 @@ class PolicyModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.rollout_rng is None:
             self._init_rng()
-        state = self.rollout_rng.state_dict()
-        if is_multi_process():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, state)
-        else:
-            gathered = [state]
         checkpoint["policy_state"] = {
             "kl_controller": self.kl_controller.state_dict(),
             "nonfinite_guard": self.nonfinite_guard.state_dict(),
-            "rollout_rng": gathered,
+            "rollout_rng": all_gather_objects(self.rollout_rng.state_dict()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -933,21 +905,12 @@ class PolicyModule(LightningModule):
             return
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.nonfinite_guard.load_state_dict(state["nonfinite_guard"])
-        rank = dist.get_rank() if is_multi_process() else 0
-        states = state["rollout_rng"]
-        if rank < len(states):
-            self._pending_rng_state = states[rank]
+        states, this_rank = state["rollout_rng"], rank()
+        if this_rank < len(states):
+            self._pending_rng_state = states[this_rank]
             self.rollout_rng = None
         else:
-            log.warning("checkpoint has rollout RNG states of %d rank(s); rank %d starts a fresh stream", len(states), rank)
-
-
-def _global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if not is_multi_process():
-        return explained_variance(values, returns, mask)
-    _, var_t = _global_masked_stats(returns, mask)
-    _, var_r = _global_masked_stats(returns - values, mask)
-    return 1.0 - var_r / var_t.clamp(min=1e-12)
+            log.warning("checkpoint has rollout RNG states of %d rank(s); rank %d starts a fresh stream", len(states), this_rank)
 
 
 def _optimizer_step(optimizer: Any, count: bool) -> None:
