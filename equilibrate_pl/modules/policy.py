@@ -24,6 +24,7 @@ FSDP2/DDP run on N processes computes the same update as one process holding the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -62,6 +63,7 @@ from equilibrate_pl.distributed import (
     world_size,
 )
 from equilibrate_pl.models.forward import can_share_prompt_cache, shared_prompt_forward
+from equilibrate_pl.models.loading import adapter_disabled
 from equilibrate_pl.models.scalar_head import position_ids_from_mask
 from equilibrate_pl.modules.common import (
     ModelSettings,
@@ -427,8 +429,8 @@ class PolicyModule(LightningModule):
 
     def _reference_context(self) -> Any:
         if self.reference is not None:
-            return _null_context(self.reference)
-        return _adapter_disabled(self.actor)
+            return contextlib.nullcontext(self.reference)
+        return adapter_disabled(self.actor)
 
     def actor_forward(
         self, model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
@@ -935,23 +937,6 @@ def _is_peft(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
-
-
-class _null_context:
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _adapter_disabled(model: nn.Module) -> Any:
-    from equilibrate_pl.models.loading import adapter_disabled
-
-    return adapter_disabled(model)
 
 
 __all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "Rollout"]
