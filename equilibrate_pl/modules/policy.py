@@ -31,7 +31,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, NamedTuple, Optional
 
 import torch
 from lightning.pytorch import LightningModule
@@ -187,6 +187,14 @@ class KLSettings:
 
 
 AdvantageEstimator = Literal["gae", "grpo", "rloo"]
+
+
+class TokenRewards(NamedTuple):
+    """What :meth:`PolicyModule.compute_rewards` returns; ``training_step`` stores each on the rollout."""
+
+    rewards: torch.Tensor  # (B, R) per-token rewards (zero off the response)
+    kl: torch.Tensor  # (B, R) the per-token KL estimate they contain (zero off the response)
+    scores: torch.Tensor  # (B,) the sequence scores they contain (compute_scores)
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,15 +603,16 @@ class PolicyModule(LightningModule):
             scores = scores.clamp(-self.ppo.reward_clip, self.ppo.reward_clip)
         return scores
 
-    def compute_rewards(self, batch: dict[str, Any], rollout: Rollout) -> torch.Tensor:
-        """(B, R) per-token rewards: ``-kl_coef * KL_t`` on every response token plus the
-        sequence score on the last one (PITFALLS #3: the EOS / last real token, not a pad)."""
-        rollout.kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.kl.estimator) * rollout.response_mask
-        rewards = -self.kl_controller.value * rollout.kl
-        last = (rollout.response_lengths - 1).clamp(min=0)
+    def compute_rewards(self, batch: dict[str, Any], rollout: Rollout) -> TokenRewards:
+        """Per-token rewards: ``-kl_coef * KL_t`` on every response token plus the sequence score
+        (:meth:`compute_scores`) on the last one (the EOS or the cut, never a pad after it), returned
+        with the KL and the scores they contain (logged, and the KL feeds the adaptive controller)."""
+        mask = rollout.response_mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.kl.estimator) * mask
         scores = self.compute_scores(batch, rollout)
-        rollout.extras["shaped_scores"] = scores
-        return rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(rewards.dtype)) * rollout.response_mask
+        last = (rollout.response_lengths - 1).clamp(min=0)
+        rewards = (-self.kl_controller.value * kl).scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(kl.dtype)) * mask
+        return TokenRewards(rewards, kl, scores)
 
     def compute_advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(advantages, returns), each (B, R). GAE with the critic, or a group estimator on the
@@ -644,31 +653,25 @@ class PolicyModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        rollout = self.generate(batch)
-        timings["generation"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        self.score(rollout)
-        rollout.rewards = self.compute_rewards(batch, rollout)
-        timings["scoring"] = time.perf_counter() - start
-
+        with _timed(timings, "generation"):
+            rollout = self.generate(batch)
+        with _timed(timings, "scoring"):
+            self.score(rollout)
+            rollout.rewards, rollout.kl, rollout.shaped_scores = self.compute_rewards(batch, rollout)
         finite = torch.isfinite(rollout.rewards).all() & torch.isfinite(rollout.logprobs).all()
         if rollout.values is not None:
             finite &= torch.isfinite(rollout.values).all()
         if not self._check_finite(finite, "rewards"):
             return None  # a skipped iteration advances neither global_step nor the LR schedule
-
         rollout.advantages, rollout.returns = self.compute_advantages(rollout)
         rollout.policy_mask = self.policy_mask(rollout)
-
-        start = time.perf_counter()
-        stats = self.update(rollout)
-        timings["update"] = time.perf_counter() - start
+        with _timed(timings, "update"):
+            stats = self.update(rollout)
         if stats is None:
             return None
         self._step_schedulers()
-        self.kl_controller.update(float(stats["kl/sequence"]), n_steps=int(all_sum(torch.tensor(float(len(rollout.groups)), device=self.device))))
+        kl_sum, rows = all_sum(torch.stack([(rollout.kl * rollout.response_mask).sum(), torch.tensor(float(len(rollout.groups)), device=self.device)]))
+        self.kl_controller.update(float(kl_sum / rows), n_steps=int(rows))
         self._log_step(batch, rollout, stats, timings)
         return None
 
@@ -757,9 +760,6 @@ class PolicyModule(LightningModule):
         reduced = all_sum(torch.tensor([sums[k] / count for k in keys], device=self.device)) / world
         out_stats: dict[str, torch.Tensor] = {key: reduced[i] for i, key in enumerate(keys)}
         out_stats["ppo/first_ratio_max_deviation"] = torch.tensor(first_deviation)
-        m = rollout.response_mask
-        seq_kl = all_sum(torch.stack([(rollout.kl * m).sum(), torch.tensor(float(m.shape[0]), device=m.device)]))
-        out_stats["kl/sequence"] = seq_kl[0] / seq_kl[1]
         return out_stats
 
     def _clip(self, optimizer: Any) -> float:
@@ -792,7 +792,7 @@ class PolicyModule(LightningModule):
 
     def _log_step(self, batch: dict[str, Any], rollout: Rollout, stats: dict[str, torch.Tensor], timings: dict[str, float]) -> None:
         m = rollout.response_mask
-        scores = rollout.extras.get("shaped_scores", rollout.scores).float()
+        scores = (rollout.shaped_scores if rollout.shaped_scores is not None else rollout.scores).float()
         seq_kl = (rollout.kl * m).sum(-1)
         k1 = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1")
         k3 = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k3")
@@ -939,4 +939,13 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "Rollout"]
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = time.perf_counter() - start
+
+
+__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "Rollout", "TokenRewards"]

@@ -37,6 +37,7 @@ class Rollout:
     dense_rewards: torch.Tensor | None = None  # (B, R) differences of prefix scores
     kl: torch.Tensor | None = None  # (B, R) per-token KL estimate used in the reward
     rewards: torch.Tensor | None = None  # (B, R) per-token rewards (score + KL penalty)
+    shaped_scores: torch.Tensor | None = None  # (B,) the sequence scores in the rewards (compute_scores)
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
     policy_mask: torch.Tensor | None = None  # (B, R) tokens in the policy loss (APPO mask or response_mask)
