@@ -197,6 +197,14 @@ class TokenRewards(NamedTuple):
     scores: torch.Tensor  # (B,) the sequence scores they contain (compute_scores)
 
 
+class MinibatchLoss(NamedTuple):
+    """What :meth:`PolicyModule.minibatch_loss` returns."""
+
+    actor: torch.Tensor  # what the actor's optimizer steps on (with the value loss when the critic shares the actor)
+    critic: torch.Tensor  # the value loss (the separate critic's optimizer steps on it; zero without a critic)
+    stats: dict[str, torch.Tensor]  # per-minibatch diagnostics, averaged over minibatches and ranks for logging
+
+
 # --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
@@ -675,92 +683,93 @@ class PolicyModule(LightningModule):
         self._log_step(batch, rollout, stats, timings)
         return None
 
+    def minibatch_loss(self, mb: dict[str, torch.Tensor], prompt_length: int, forward: dict[str, torch.Tensor] | None = None) -> MinibatchLoss:
+        """Clipped policy loss on the (APPO-)masked tokens minus the entropy bonus, and the clipped
+        value loss on every response token, of one minibatch (:meth:`Rollout.select`).
+
+        ``forward`` is the actor's forward over these rows when :meth:`score` already ran it with
+        gradients (``PPOSettings.reuse_rollout_forward``); otherwise it runs here. Losses are divided
+        by the minibatch's token counts over ALL ranks (times the world size): with gradients averaged
+        over ranks, N processes then take exactly the step of one process holding every row.
+        """
+        p, shared = prompt_length, self.value_head is not None and self.uses_critic
+        world = world_size()
+        counts = all_sum(torch.stack([mb["policy_mask"].sum(), mb["response_mask"].sum()]).float().to(self.device))
+        policy_norm, token_norm = counts[0].clamp(min=1) / world, counts[1].clamp(min=1) / world
+        if forward is None:
+            forward = self.actor_forward(self.actor, mb["sequences"], mb["attention_mask"], p, with_values=shared, with_entropy=True)
+        pg_loss, pg_stats = policy_loss(forward["logprobs"], mb["logprobs"], mb["advantages"], mb["policy_mask"], self.ppo.clip, normalizer=policy_norm)
+        entropy = masked_mean(forward["entropy"], mb["response_mask"], normalizer=token_norm)
+        actor_loss = pg_loss - self.ppo.entropy_coef * entropy
+        vf_loss, vf_stats = torch.zeros((), device=self.device), {}
+        if self.uses_critic:
+            values = forward["values"] if shared else self.scalar_forward(self.critic, mb["sequences"], mb["attention_mask"])[:, p - 1:-1]
+            vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["response_mask"], self.ppo.value_clip, normalizer=token_norm)
+        stats = {
+            "loss/policy": pg_loss.detach(),
+            "loss/value": vf_loss.detach(),
+            "ppo/entropy": entropy.detach(),
+            "ppo/clip_fraction": pg_stats["clip_fraction"],
+            "ppo/approx_kl": pg_stats["approx_kl"],
+            "ppo/ratio_mean": pg_stats["ratio_mean"],
+            # Before any step this is 0 up to rounding: rollout and update log-probs agree.
+            "ppo/ratio_max_deviation": ((forward["logprobs"].detach() - mb["logprobs"]).abs() * mb["response_mask"]).max(),
+        }
+        if vf_stats:
+            stats["ppo/value_clip_fraction"] = vf_stats["value_clip_fraction"]
+        return MinibatchLoss(actor_loss + self.ppo.value_coef * vf_loss if shared else actor_loss, vf_loss, stats)
+
     def update(self, rollout: Rollout) -> dict[str, torch.Tensor] | None:
-        """``ppo_epochs`` passes of clipped PPO over shuffled minibatches. Returns statistics, or
+        """``ppo_epochs`` passes of :meth:`minibatch_loss` over shuffled minibatches, an actor (and
+        critic) optimizer step each. Returns the statistics averaged over minibatches and ranks, or
         ``None`` if a non-finite loss made this batch be skipped."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        actor_opt = optimizers[0]
-        critic_opt = optimizers[1] if len(optimizers) > 1 else None
-        shared = self.value_head is not None and self.uses_critic
-        world = world_size()
+        actor_opt, critic_opt = optimizers[0], optimizers[1] if len(optimizers) > 1 else None
         n = rollout.sequences.shape[0]
-        p = rollout.prompt_length
+        minibatches = [idx for epoch in range(self.ppo.ppo_epochs) for idx in _chunks(n, self.ppo.minibatch_size, self._shuffled(n, epoch))]
         sums: dict[str, float] = {}
-        count = 0
-        n_minibatches = len(_chunks(n, self.ppo.minibatch_size))
-        for epoch in range(self.ppo.ppo_epochs):
-            # Same permutation on every rank (seeded by step and epoch): shards stay aligned.
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + epoch)
-            order = torch.randperm(n, generator=gen)
-            for mb_index, idx in enumerate(_chunks(n, self.ppo.minibatch_size, order)):
-                last_step = epoch == self.ppo.ppo_epochs - 1 and mb_index == n_minibatches - 1
-                mb = rollout.select(idx)
-                # Normalise by the GLOBAL token counts of this minibatch: with gradients averaged
-                # over ranks, N processes then take exactly the step of one holding all rows.
-                counts = all_sum(torch.stack([mb["policy_mask"].sum(), mb["response_mask"].sum()]).float().to(self.device))
-                policy_norm = counts[0].clamp(min=1) / world
-                token_norm = counts[1].clamp(min=1) / world
-                if rollout.update_forward is not None:
-                    out = {key: value[idx] for key, value in rollout.update_forward.items()}
-                    rollout.update_forward = None  # one minibatch, one epoch: used exactly once
-                else:
-                    out = self.actor_forward(
-                        self.actor, mb["sequences"], mb["attention_mask"], p,
-                        with_values=shared, with_entropy=True,
-                    )
-                pg_loss, pg_stats = policy_loss(out["logprobs"], mb["logprobs"], mb["advantages"], mb["policy_mask"], self.ppo.clip, normalizer=policy_norm)
-                entropy = masked_mean(out["entropy"], mb["response_mask"], normalizer=token_norm)
-                actor_loss = pg_loss - self.ppo.entropy_coef * entropy
-                vf_loss = torch.zeros((), device=self.device)
-                if self.uses_critic:
-                    values = out["values"] if shared else self.scalar_forward(self.critic, mb["sequences"], mb["attention_mask"])[:, p - 1:-1]
-                    vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["response_mask"], self.ppo.value_clip, normalizer=token_norm)
-                else:
-                    vf_stats = {}
-                total = actor_loss + self.ppo.value_coef * vf_loss if shared else actor_loss
-                if not self._check_finite(torch.isfinite(actor_loss.detach()) & torch.isfinite(vf_loss.detach()), "loss"):
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    return None
-                actor_opt.zero_grad(set_to_none=True)
-                self.manual_backward(total)
-                grad_norm = self._clip(actor_opt)
-                # Lightning counts every optimizer step of manual optimization as a global step;
-                # count one per PPO iteration so `max_steps` and checkpoint intervals mean rollouts.
-                _optimizer_step(actor_opt, count=last_step)
-                if critic_opt is not None:
-                    critic_opt.zero_grad(set_to_none=True)
-                    self.manual_backward(vf_loss)
-                    critic_grad_norm = self._clip(critic_opt)
-                    _optimizer_step(critic_opt, count=False)
-                    sums["grad_norm/critic"] = sums.get("grad_norm/critic", 0.0) + critic_grad_norm
-                # Per-minibatch statistics, averaged over minibatches and ranks for logging.
-                step_stats = {
-                    "loss/policy": pg_loss.detach(),
-                    "loss/value": vf_loss.detach(),
-                    "ppo/entropy": entropy.detach(),
-                    "ppo/clip_fraction": pg_stats["clip_fraction"],
-                    "ppo/approx_kl": pg_stats["approx_kl"],
-                    "ppo/ratio_mean": pg_stats["ratio_mean"],
-                    **({"ppo/value_clip_fraction": vf_stats["value_clip_fraction"]} if vf_stats else {}),
-                }
-                if epoch == 0 and count == 0:
-                    sums["ppo/first_ratio_max_deviation"] = float(
-                        ((out["logprobs"].detach() - mb["logprobs"]).abs() * mb["response_mask"]).max()
-                    )
-                for key, value in step_stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                sums["grad_norm/actor"] = sums.get("grad_norm/actor", 0.0) + grad_norm
-                count += 1
-        first_deviation = sums.pop("ppo/first_ratio_max_deviation")
+        first_deviation = 0.0
+        for i, idx in enumerate(minibatches):
+            forward = None
+            if rollout.update_forward is not None:  # one minibatch, one epoch: used exactly once
+                forward = {key: value[idx] for key, value in rollout.update_forward.items()}
+                rollout.update_forward = None
+            loss = self.minibatch_loss(rollout.select(idx), rollout.prompt_length, forward)
+            if not self._check_finite(torch.isfinite(loss.actor.detach()) & torch.isfinite(loss.critic.detach()), "loss"):
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                return None
+            # Lightning counts every optimizer step of manual optimization as a global step;
+            # count one per PPO iteration so `max_steps` and checkpoint intervals mean rollouts.
+            step = {"grad_norm/actor": self._backward_and_step(actor_opt, loss.actor, count=i == len(minibatches) - 1)}
+            if critic_opt is not None:
+                step["grad_norm/critic"] = self._backward_and_step(critic_opt, loss.critic, count=False)
+            deviation = loss.stats.pop("ppo/ratio_max_deviation")
+            if i == 0:
+                first_deviation = float(deviation)
+            for key, value in {**loss.stats, **step}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
         keys = sorted(sums)
         # Losses normalised by global counts sum over ranks to the global loss, divided by `world`
         # because each was multiplied by it; plain statistics are averaged: both are sum / world.
-        reduced = all_sum(torch.tensor([sums[k] / count for k in keys], device=self.device)) / world
-        out_stats: dict[str, torch.Tensor] = {key: reduced[i] for i, key in enumerate(keys)}
-        out_stats["ppo/first_ratio_max_deviation"] = torch.tensor(first_deviation)
-        return out_stats
+        reduced = all_sum(torch.tensor([sums[k] / len(minibatches) for k in keys], device=self.device)) / world_size()
+        out: dict[str, torch.Tensor] = {key: reduced[i] for i, key in enumerate(keys)}
+        out["ppo/first_ratio_max_deviation"] = torch.tensor(first_deviation)
+        return out
+
+    def _shuffled(self, n: int, epoch: int) -> torch.Tensor:
+        # Same permutation on every rank (seeded by step and epoch): shards stay aligned.
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + epoch)
+        return torch.randperm(n, generator=gen)
+
+    def _backward_and_step(self, optimizer: Any, loss: torch.Tensor, count: bool) -> float:
+        """Backward, gradient clipping, step; returns the gradient norm before clipping."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        norm = self._clip(optimizer)
+        _optimizer_step(optimizer, count=count)
+        return norm
 
     def _clip(self, optimizer: Any) -> float:
         if self.ppo.max_grad_norm is None:
@@ -948,4 +957,4 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = time.perf_counter() - start
 
 
-__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "Rollout", "TokenRewards"]
+__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "Rollout", "TokenRewards", "MinibatchLoss"]
