@@ -31,7 +31,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, NamedTuple, Optional
+from typing import Any, Iterator, Literal, NamedTuple, Optional, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
@@ -802,60 +802,52 @@ class PolicyModule(LightningModule):
     def _log_step(self, batch: dict[str, Any], rollout: Rollout, stats: dict[str, torch.Tensor], timings: dict[str, float]) -> None:
         m = rollout.response_mask
         scores = (rollout.shaped_scores if rollout.shaped_scores is not None else rollout.scores).float()
-        seq_kl = (rollout.kl * m).sum(-1)
-        k1 = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1")
-        k3 = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k3")
-        lengths = m.sum(-1).float()
-        keep = rollout.policy_mask
-        kept_per_row = keep.sum(-1).float()
         refusals = self._refusals(rollout) if self.log_refusals else None
-
-        # One all-reduce for everything that is a sum over rows.
-        per_row = torch.stack([
-            scores, scores**2, seq_kl, (k1 * m).sum(-1), (k3 * m).sum(-1), lengths, kept_per_row,
-            rollout.truncated.float(), rollout.extras.get("ama_fallbacks", torch.zeros_like(scores, dtype=torch.bool)).float(),
-            keep.bool().logical_and(rollout.advantages >= 0).sum(-1).float(),
-            torch.ones_like(scores),
-        ], dim=1)
-        g_index = torch.tensor([GROUP_NAMES.index(g) if g in GROUP_NAMES else len(GROUP_NAMES) for g in rollout.groups], device=scores.device)
-        n_groups = len(GROUP_NAMES) + 1
-        group_sums = torch.zeros(n_groups, per_row.shape[1] + 1, device=scores.device)
-        group_sums[:, :-1].index_add_(0, g_index, per_row)
+        columns = {
+            "rows": torch.ones_like(scores),
+            "score": scores,
+            "score_sq": scores**2,
+            "kl": (rollout.kl * m).sum(-1),
+            "k1": (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * m).sum(-1),
+            "k3": (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k3") * m).sum(-1),
+            "length": m.sum(-1),
+            "kept": (rollout.policy_mask.bool() & m).sum(-1),
+            "truncated": rollout.truncated,
+            "fallbacks": rollout.extras.get("ama_fallbacks", torch.zeros_like(scores, dtype=torch.bool)),
+        }
         if refusals is not None:
-            group_sums[:, -1].index_add_(0, g_index, refusals.float())
-        group_sums = all_sum(group_sums)
-        total = group_sums.sum(0)
-        rows = total[10].clamp(min=1)
-        mean_score = total[0] / rows
+            columns["refusals"] = refusals
+        groups = group_sums(columns, rollout.groups)  # {name: (groups,)}, every rank's rows
+        total = {name: value.sum() for name, value in groups.items()}
+        rows = total["rows"].clamp(min=1)
+        mean_score = total["score"] / rows
         metrics: dict[str, Any] = {
             "reward/mean": mean_score,
-            "reward/std": (total[1] / rows - mean_score**2).clamp(min=0).sqrt(),
+            "reward/std": (total["score_sq"] / rows - mean_score**2).clamp(min=0).sqrt(),
             "kl/coef": self.kl_controller.value,
-            "kl/k1": total[3] / rows,
-            "kl/k3": total[4] / rows,
-            "kl/sequence": total[2] / rows,
-            "response/length": total[5] / rows,
-            "response/truncated_fraction": total[7] / rows,
-            "ama/kept_fraction": total[6] / total[5].clamp(min=1),
-            "ama/fallbacks": total[8],
+            "kl/k1": total["k1"] / rows,
+            "kl/k3": total["k3"] / rows,
+            "kl/sequence": total["kl"] / rows,
+            "response/length": total["length"] / rows,
+            "response/truncated_fraction": total["truncated"] / rows,
+            "ama/kept_fraction": total["kept"] / total["length"].clamp(min=1),
+            "ama/fallbacks": total["fallbacks"],
         }
-        mask_sum = all_sum(torch.stack([(keep & m).sum().float(), m.sum().float()]))
-        metrics["ama/kept_fraction"] = mask_sum[0] / mask_sum[1].clamp(min=1)
         if refusals is not None:
-            metrics["response/refusal_rate"] = total[11] / rows
+            metrics["response/refusal_rate"] = total["refusals"] / rows
         if rollout.values is not None:
             metrics["ppo/value_explained_variance"] = global_explained_variance(rollout.values, rollout.returns, m)
         metrics.update(stats)
-        for i, name in enumerate(list(GROUP_NAMES) + ["other"]):
-            n_rows = group_sums[i, 10]
+        for i, name in enumerate(GROUP_LOG_NAMES):
+            n_rows = groups["rows"][i]
             if n_rows <= 0:
                 continue
-            metrics[f"group/{name}/reward"] = group_sums[i, 0] / n_rows
-            metrics[f"group/{name}/kl"] = group_sums[i, 2] / n_rows
-            metrics[f"group/{name}/length"] = group_sums[i, 5] / n_rows
-            metrics[f"group/{name}/kept_fraction"] = group_sums[i, 6] / group_sums[i, 5].clamp(min=1)
+            metrics[f"group/{name}/reward"] = groups["score"][i] / n_rows
+            metrics[f"group/{name}/kl"] = groups["kl"][i] / n_rows
+            metrics[f"group/{name}/length"] = groups["length"][i] / n_rows
+            metrics[f"group/{name}/kept_fraction"] = groups["kept"][i] / groups["length"][i].clamp(min=1)
             if refusals is not None:
-                metrics[f"group/{name}/refusal_rate"] = group_sums[i, 11] / n_rows
+                metrics[f"group/{name}/refusal_rate"] = groups["refusals"][i] / n_rows
         step_time = sum(timings.values())
         for phase, seconds in timings.items():
             metrics[f"time/{phase}_s"] = seconds
@@ -946,6 +938,21 @@ def _is_peft(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
+
+
+# FDC groups in logged metric names; rows of any other group count as "other".
+GROUP_LOG_NAMES: tuple[str, ...] = (*GROUP_NAMES, "other")
+
+
+def group_sums(columns: dict[str, torch.Tensor], groups: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-row (B,) ``columns`` summed per FDC group over every rank: ``{name: (len(GROUP_LOG_NAMES),)}``
+    in the order of :data:`GROUP_LOG_NAMES`. One all-reduce for all of them."""
+    names = list(columns)
+    per_row = torch.stack([columns[name].float() for name in names], dim=1)
+    index = torch.tensor([GROUP_NAMES.index(g) if g in GROUP_NAMES else len(GROUP_NAMES) for g in groups], device=per_row.device)
+    sums = torch.zeros(len(GROUP_LOG_NAMES), len(names), device=per_row.device).index_add_(0, index, per_row)
+    sums = all_sum(sums)
+    return {name: sums[:, j] for j, name in enumerate(names)}
 
 
 @contextlib.contextmanager
