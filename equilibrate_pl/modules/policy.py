@@ -31,7 +31,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, Literal, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
@@ -142,11 +142,6 @@ class PPOSettings:
             a no-grad forward now and the same forward again in the update. The step is the same
             (dropout is off; the ratio is exactly 1 instead of 1 +- 1e-7), one actor forward
             cheaper; the price is holding the actor's activations while the reward model scores.
-        share_prompt_cache: with ``samples_per_prompt`` k > 1, the scoring forwards (actor,
-            reference, reward model, critic) run each prompt once and its k responses on its KV
-            cache (``rollout.shared_prompt_forward``): the same log-probs, values and scores, the
-            prompt's cost divided by k. Needs a model whose forward takes a cache and gradient
-            checkpointing off (otherwise, or with ``False``, every row runs whole).
     """
 
     ppo_epochs: int = 2
@@ -161,7 +156,6 @@ class PPOSettings:
     max_grad_norm: Optional[float] = 1.0
     reward_clip: Optional[float] = None
     reuse_rollout_forward: bool = True
-    share_prompt_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatch_size < 1:
@@ -230,6 +224,11 @@ class PolicyModule(LightningModule):
         max_nonfinite_steps: consecutive non-finite batches (scores or losses) before stopping.
         log_refusals: decode responses and log the per-group refusal rate (``eval.refusal``).
         seed: seed of the rollout sampling stream (rank r uses ``seed + r``).
+        share_prompt: with ``samples_per_prompt`` k > 1, the scoring forwards (actor, reference,
+            reward model, critic) run each prompt once and its k responses on its repeated KV cache
+            (``models.forward.shared_prompt_forward``): the same log-probs, values and scores, the
+            prompt's cost divided by k. Needs a model whose forward takes a cache and gradient
+            checkpointing off (otherwise, or with ``False``, every row runs whole).
 
     Pre-built models (tests, notebooks) go through :meth:`from_models`.
     """
@@ -252,9 +251,15 @@ class PolicyModule(LightningModule):
         max_nonfinite_steps: int = 3,
         log_refusals: bool = True,
         seed: int = 0,
+        share_prompt: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        if isinstance(ppo, Mapping) and "share_prompt_cache" in ppo:  # the name before share_prompt
+            warnings.warn("ppo.share_prompt_cache is now share_prompt, an argument of PolicyModule as of the DPO and "
+                          "reward stages; the old name will be refused in a later release", FutureWarning, stacklevel=2)
+            ppo = dict(ppo)
+            share_prompt = bool(ppo.pop("share_prompt_cache"))
         self.actor_settings = dataclasses.replace(coerce_settings(ModelSettings, actor) or ModelSettings())
         self.reward_settings = coerce_settings(ModelSettings, reward_model)
         self.critic_settings = coerce_settings(ModelSettings, critic)
@@ -282,11 +287,13 @@ class PolicyModule(LightningModule):
         self.samples_per_prompt = samples_per_prompt
         self.log_refusals = log_refusals
         self.seed = seed
+        self.share_prompt = share_prompt
         save_plain_hyperparameters(
             self, actor=self.actor_settings, reward_model=self.reward_settings, critic=self.critic_settings,
             critic_mode=critic_mode, reference=reference, generation=self.generation, ppo=self.ppo, kl=self.kl,
             ama=self.ama, advantage=advantage, samples_per_prompt=samples_per_prompt, actor_optim=self.actor_optim,
             critic_optim=self.critic_optim, max_nonfinite_steps=max_nonfinite_steps, log_refusals=log_refusals, seed=seed,
+            share_prompt=share_prompt,
         )
 
         self.actor: nn.Module | None = None
@@ -497,9 +504,9 @@ class PolicyModule(LightningModule):
 
     def prompt_group(self, rollout: Rollout, index: torch.Tensor) -> int:
         """``samples_per_prompt`` when rows ``index`` are whole blocks of the same prompt (so the
-        scoring forwards can run each prompt once; ``PPOSettings.share_prompt_cache``), else 1."""
+        scoring forwards can run each prompt once; ``share_prompt``), else 1."""
         k = self.samples_per_prompt
-        if not self.ppo.share_prompt_cache or k < 2:
+        if not self.share_prompt or k < 2:
             return 1
         ok = index.shape[0] % k == 0
         if ok:
