@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
 from equilibrate_pl.data.schema import GROUP_NAMES, REQUIRED_FIELDS, Group
+from equilibrate_pl.files import atomic_write_jsonl
 
 __all__ = [
     "DataError",
@@ -529,19 +530,5 @@ def _make_record(
 
 
 def write_jsonl(records: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]], path: str | os.PathLike) -> int:
-    """Write records as JSONL atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for rec in records:
-                # default=str: parquet / datasets rows may carry dates or decimals in meta
-                fh.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return n
+    """Write records as JSONL atomically (``files.atomic_write_jsonl``); returns how many."""
+    return atomic_write_jsonl(path, records)

@@ -29,11 +29,8 @@ RNG is never touched.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import random
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from equilibrate_pl.data.schema import GROUP_NAMES, SAFETY_GROUPS, Group
+from equilibrate_pl.files import atomic_write_jsonl
 
 SOURCE = "builtin-world"
 SPLITS: tuple[str, ...] = ("train", "eval")
@@ -643,7 +641,8 @@ class World:
                 f"safety_pool_{split}": self.safety_pool(split),
             }
             for name, rows in tables.items():
-                written[name] = _write_jsonl_atomic(out / f"{name}.jsonl", rows)
+                atomic_write_jsonl(out / f"{name}.jsonl", rows)
+                written[name] = out / f"{name}.jsonl"
         return written
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -675,19 +674,6 @@ def noise_count(n_safety: int, fraction: float) -> int:
     if fraction <= 0:
         return 0
     return round(n_safety * fraction / (1.0 - fraction))
-
-
-def _write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------------------------

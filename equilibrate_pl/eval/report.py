@@ -17,12 +17,12 @@ import gc
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from equilibrate_pl.data.schema import GROUP_NAMES
+from equilibrate_pl.files import atomic_path, atomic_write_text
 from equilibrate_pl.eval.judges import Judge, build_judge
 from equilibrate_pl.eval.metrics import OVERALL, BalanceScore, Helpfulness, OverRefusalRate, SafetyRate
 from equilibrate_pl.eval.refusal import RefusalDetector, RuleRefusalDetector
@@ -106,15 +106,15 @@ class EvalResult:
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
         rows = [json.dumps({"model": name, **row}, ensure_ascii=False) for name, res in self.models.items() for row in res.rows]
-        paths["results"] = _atomic_text(out / "results.jsonl", "\n".join(rows) + "\n")
+        paths["results"] = atomic_write_text(out / "results.jsonl", "\n".join(rows) + "\n")
         metrics = {
             "suite": self.suite, "judge": self.judge, "judge_stats": self.judge_stats, "reference": self.reference,
             "models": {n: {"metrics": _json_floats(r.metrics), "counts": r.counts, "judge_stats": r.judge_stats}
                        for n, r in self.models.items()},
         }
-        paths["metrics"] = _atomic_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        paths["metrics"] = atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         paths.update(_plots(self, out))
-        paths["report"] = _atomic_text(out / "report.md", self.markdown([str(p) for k, p in paths.items() if k.endswith("_png")]))
+        paths["report"] = atomic_write_text(out / "report.md", self.markdown([str(p) for k, p in paths.items() if k.endswith("_png")]))
         return paths
 
 
@@ -122,27 +122,9 @@ def _json_floats(metrics: Mapping[str, float]) -> dict[str, float | None]:
     return {k: (None if math.isnan(v) else v) for k, v in metrics.items()}
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _atomic_figure(fig: Any, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

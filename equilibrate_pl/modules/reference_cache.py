@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from equilibrate_pl.modules.common import atomic_torch_save
+from equilibrate_pl.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
