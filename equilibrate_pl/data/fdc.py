@@ -18,7 +18,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from equilibrate_pl.data.schema import GROUP_NAMES, Group, PromptLike
+from equilibrate_pl.data.schema import BEAVERTAILS_GROUP_LABELS, GROUP_NAMES, Group, PromptLike
 
 __all__ = [
     "Categorizer",
@@ -73,14 +73,13 @@ class Categorizer(ABC):
 class LabelCategorizer(Categorizer):
     """Use labels already in the data, mapped to group names.
 
-    ``mapping`` (case-insensitive) adds labels on top of the canonical names; the default maps the
-    FDC BeaverTails release's ``No risk`` and ``OTHER`` to ``general``. An unknown label raises.
+    ``mapping`` (case-insensitive) adds labels on top of the canonical names and of the FDC
+    BeaverTails release's ``No risk`` and ``OTHER`` (``schema.BEAVERTAILS_GROUP_LABELS``, both
+    ``general``). An unknown label raises.
     """
 
-    DEFAULT_MAPPING: dict[str, str] = {"no risk": "general", "other": "general"}
-
     def __init__(self, mapping: Mapping[str, str] | None = None, field: str = "group"):
-        merged = {**self.DEFAULT_MAPPING, **(mapping or {})}
+        merged = {**BEAVERTAILS_GROUP_LABELS, **(mapping or {})}
         self.mapping = {k.strip().lower(): Group.parse(v).value for k, v in merged.items()}
         self.field = field
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
-from equilibrate_pl.data.schema import GROUP_NAMES, REQUIRED_FIELDS, Group
+from equilibrate_pl.data.schema import BEAVERTAILS_GROUP_LABELS, GROUP_NAMES, REQUIRED_FIELDS, Group
 from equilibrate_pl.files import atomic_write_jsonl
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "SkippedRow",
     "LoadResult",
     "PRESETS",
-    "DEFAULT_GROUP_MAP",
     "load_records",
     "parse_transcript",
     "write_jsonl",
@@ -55,8 +54,6 @@ _KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "sft": ("id", "prompt", "response", "group", "source"),
 }
 _MESSAGE_ROLES = ("system", "user", "assistant")
-# Labels found in real FDC data that are not canonical group names.
-DEFAULT_GROUP_MAP: dict[str, str] = {"no risk": "general", "other": "general"}
 
 
 class DataError(ValueError):
@@ -201,7 +198,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "xstest": Preset("prompt", {}, _xstest),
     "xstest-completions": Preset("sft", {"completion": "response"}, _xstest_completions, kinds=("prompt",)),
-    "beavertails-fdc": Preset("prompt", {"question_y": "prompt", "category": "group"}, _beavertails, DEFAULT_GROUP_MAP),
+    "beavertails-fdc": Preset("prompt", {"question_y": "prompt", "category": "group"}, _beavertails, BEAVERTAILS_GROUP_LABELS),
     "hh-rlhf": Preset("preference", {}, _hh_rlhf, kinds=("prompt",)),
 }
 

@@ -35,6 +35,9 @@ class Group(str, Enum):
 SAFETY_GROUPS: tuple[Group, ...] = (Group.EHD, Group.IHD, Group.MHD)
 GROUP_NAMES: tuple[str, ...] = tuple(g.value for g in Group)
 
+# Labels of the FDC BeaverTails release (the paper authors' relabelling) that mean "no FDC group".
+BEAVERTAILS_GROUP_LABELS: dict[str, str] = {"no risk": "general", "other": "general"}
+
 # Label of a token no loss or log-prob reads (prompt, padding): PyTorch's cross-entropy default.
 IGNORE_INDEX = -100
 
