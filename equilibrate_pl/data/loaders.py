@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
-from equilibrate_pl.data.schema import BEAVERTAILS_GROUP_LABELS, GROUP_NAMES, REQUIRED_FIELDS, Group
+from equilibrate_pl.data.schema import BEAVERTAILS_GROUP_LABELS, GROUP_NAMES, RECORD_FIELDS, REQUIRED_FIELDS, Group
 from equilibrate_pl.files import atomic_write_jsonl
 
 __all__ = [
@@ -48,11 +48,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Record fields each kind keeps at top level; every other column goes to `meta`.
-_KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "prompt": ("id", "prompt", "group", "source"),
-    "preference": ("id", "prompt", "chosen", "rejected", "group", "source"),
-    "sft": ("id", "prompt", "response", "group", "source"),
-}
 _MESSAGE_ROLES = ("system", "user", "assistant")
 
 
@@ -518,7 +513,7 @@ def _make_record(
     src = row.get("source")
     record["source"] = src if isinstance(src, str) and src else source_name
     meta = dict(row["meta"]) if isinstance(row.get("meta"), Mapping) else {}
-    keep = set(_KIND_FIELDS[kind]) | {"meta"}
+    keep = set(RECORD_FIELDS[kind])
     for key, value in row.items():
         if key not in keep and value is not None:
             meta[key] = value
