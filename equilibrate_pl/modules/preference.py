@@ -35,7 +35,7 @@ from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
 from equilibrate_pl.algorithms.ama import ADPOSettings, adpo_masks, kept_fraction
-from equilibrate_pl.algorithms.dpo import dpo_loss
+from equilibrate_pl.algorithms.dpo import dpo_loss, implicit_rewards
 from equilibrate_pl.algorithms.logprobs import sequence_logprobs
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.data.schema import IGNORE_INDEX
@@ -247,7 +247,7 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         ``precomputed`` is :meth:`reference_values`' result (``signal`` there is the dense reward)."""
         kind = self.ama.token_signal
         if kind == "implicit":
-            return self.beta * (policy_logps.detach() - reference_logps)
+            return implicit_rewards(policy_logps.detach(), reference_logps, self.beta)
         if kind == "dense_reward":
             if "signal" in precomputed:
                 return precomputed["signal"]
@@ -284,8 +284,8 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         ref_chosen, ref_rejected = sequence_logprobs(frozen["reference"], keep).chunk(2)
         losses = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing)
         stats = {
-            "rewards_chosen": (self.beta * (policy_chosen - ref_chosen)).detach(),
-            "rewards_rejected": (self.beta * (policy_rejected - ref_rejected)).detach(),
+            "rewards_chosen": implicit_rewards(policy_chosen, ref_chosen, self.beta).detach(),
+            "rewards_rejected": implicit_rewards(policy_rejected, ref_rejected, self.beta).detach(),
             "logps_chosen": policy_chosen.detach(),
             "logps_rejected": policy_rejected.detach(),
         }
