@@ -105,7 +105,7 @@ def loader(batches: list[dict[str, Any]]) -> Any:
 def prompt_datamodule(batch_size: int = 4, seed: int = 0) -> Any:
     from equilibrate_pl.data import SafetyDataModule
 
-    return SafetyDataModule(stage="prompt", tokenizer="builtin:tiny", world_size="tiny", batch_size=batch_size,
+    return SafetyDataModule(stage="prompt", tokenizer="builtin:tiny", world_scale="tiny", batch_size=batch_size,
                             val_size=0, seed=seed, mix="all")
 
 

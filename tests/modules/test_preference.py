@@ -230,7 +230,7 @@ class _NaNAfter(PreferenceModule):
 def _world_data(batch_size: int = 8) -> Any:
     from equilibrate_pl.data import SafetyDataModule
 
-    return SafetyDataModule(stage="preference", world_size="tiny", batch_size=batch_size, eval_batch_size=16,
+    return SafetyDataModule(stage="preference", world_scale="tiny", batch_size=batch_size, eval_batch_size=16,
                             val_size=16, max_length=96, max_prompt_length=48)
 
 

@@ -50,7 +50,7 @@ def _run(tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = No
         optim=OptimSettings(lr=5e-3, warmup_steps=1, scheduler="cosine"), beta=0.1,
         ama=ADPOSettings(enabled=True, token_signal="implicit", baseline="batch_mean"),
     )
-    data = SafetyDataModule(stage="preference", world_size="tiny", batch_size=24, eval_batch_size=8, val_size=8,
+    data = SafetyDataModule(stage="preference", world_scale="tiny", batch_size=24, eval_batch_size=8, val_size=8,
                             max_length=80, max_prompt_length=40)
     losses = Losses()
     trainer = L.Trainer(
