@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from equilibrate_pl.data.fdc import RuleCategorizer, classification_report, stratified_split
+from equilibrate_pl.data.fdc import RuleCategorizer
+from equilibrate_pl.data.fdc_report import classification_report, stratified_split
 from equilibrate_pl.data.loaders import load_records
 from equilibrate_pl.data.schema import GROUP_NAMES
 from equilibrate_pl.files import atomic_path, atomic_write_json, atomic_write_text
