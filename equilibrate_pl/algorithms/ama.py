@@ -1,6 +1,6 @@
 """Adaptive Message-wise Alignment: masks that keep only the key tokens of each response.
 
-METHOD.md section 3. A good response (chosen / non-negative advantage) keeps tokens whose signal is
+docs/METHOD.md section 3. A good response (chosen / non-negative advantage) keeps tokens whose signal is
 above the baseline, a bad one keeps tokens below it. Padding is never kept. A row whose mask would
 be empty falls back to its full mask, so every response still contributes; callers log how often.
 """

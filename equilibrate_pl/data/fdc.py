@@ -1,4 +1,4 @@
-"""FDC categorization: sort safety prompts into EHD / IHD / MHD / general (METHOD.md section 2).
+"""FDC categorization: sort safety prompts into EHD / IHD / MHD / general (docs/METHOD.md section 2).
 
 Pure python. One interface, :class:`Categorizer`, and the cheap implementations:
 :class:`LabelCategorizer` (labels already in the data) and :class:`RuleCategorizer` (an

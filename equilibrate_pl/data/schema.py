@@ -11,7 +11,7 @@ PromptLike = Union[str, Messages]
 
 
 class Group(str, Enum):
-    """FDC groups (METHOD.md section 2). `general` covers helpfulness data and benign look-alikes."""
+    """FDC groups (docs/METHOD.md section 2). `general` covers helpfulness data and benign look-alikes."""
 
     EHD = "EHD"  # explicit harmful data: risky terms, not necessarily malicious intent
     IHD = "IHD"  # implicit harmful data: harmful intent without explicit terms

@@ -7,7 +7,7 @@ One ``training_step`` = one PPO iteration on a batch of prompts:
 2. **scoring** — actor and reference log-probs, critic values, reward-model scores at the last real
    token and per-prefix (dense) scores, all in one forward pass per model;
 3. **advantages** — per-token rewards (score on the last token minus ``kl_coef * KL``), GAE or a
-   group estimator, optional whitening, and the APPO mask (METHOD.md section 3);
+   group estimator, optional whitening, and the APPO mask (docs/METHOD.md section 3);
 4. **update** — ``ppo_epochs`` passes over minibatches: clipped policy loss on the (APPO-)masked
    tokens, entropy bonus, clipped value loss on every response token, gradient clipping, separate
    actor and critic optimizers.
@@ -103,7 +103,7 @@ class GenerationSettings:
         temperature, top_k, top_p: sampling filters (``top_k=0`` / ``top_p=1`` disable them). PPO's
             old log-probs are those of the unfiltered policy, so filtering makes rollouts slightly
             off-policy; keep the defaults unless you know you want that.
-        missing_eos_penalty: subtracted from the score of a truncated response (PITFALLS #4;
+        missing_eos_penalty: subtracted from the score of a truncated response (docs/PPO.md: responses without EOS;
             torchtune uses 3.0). 0 scores truncated responses like any other.
     """
 
@@ -216,7 +216,7 @@ class PolicyModule(LightningModule):
         critic_mode: ``separate`` model, or ``shared``: a value head on the actor's last hidden
             state (one backbone, one optimizer with the critic's learning rate on the head).
         reference: ``copy`` (a frozen copy of the initial actor), ``adapter_disabled`` (the actor with its
-            LoRA adapter disabled: no second copy in memory; checked per PITFALLS #6) or ``auto``
+            LoRA adapter disabled: no second copy in memory; checked per docs/MODELS.md: the LoRA reference) or ``auto``
             (``adapter_disabled`` when the actor has LoRA, else ``copy``).
         advantage: ``gae`` (needs a critic) or critic-free ``grpo`` / ``rloo`` with
             ``samples_per_prompt >= 2`` responses per prompt.
@@ -367,7 +367,7 @@ class PolicyModule(LightningModule):
         if self.tokenizer is None:
             raise ValueError("PolicyModule has no tokenizer (pass one to from_models)")
         if self.tokenizer.pad_token_id is None or self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
-            raise ValueError("the tokenizer needs a pad token distinct from eos (PITFALLS #2)")
+            raise ValueError("the tokenizer needs a pad token distinct from eos (docs/DATA.md: EOS is not padding)")
         # Train mode (gradient checkpointing needs it) with every dropout probability at zero.
         disable_dropout(self.actor).train()
         self._freeze(self.reward_model)

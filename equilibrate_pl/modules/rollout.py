@@ -67,9 +67,9 @@ class Rollout:
 def response_mask(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of the real response tokens and whether each row stopped on its own.
 
-    A response runs through its first EOS (included: the model must learn to stop, PITFALLS #2);
+    A response runs through its first EOS (included: the model must learn to stop, docs/DATA.md: EOS is not padding);
     ``generate`` pads after it. A row without EOS was cut at ``max_new_tokens``: all its columns are
-    real tokens, and it is flagged so the caller can penalise it (PITFALLS #4). Pad ids *inside* a
+    real tokens, and it is flagged so the caller can penalise it (docs/PPO.md: responses without EOS). Pad ids *inside* a
     response (the model may sample the pad token) are real actions and stay in the mask: the mask
     comes from the EOS position, never from ``token != pad``.
 
@@ -91,7 +91,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     """Zero every dropout probability, keeping train mode (so gradient checkpointing stays on).
 
     With dropout on, the log-probs of the update differ from those of the rollout and the PPO
-    ratio is not 1 at the first step (PITFALLS #1). Covers ``nn.Dropout`` layers (LoRA dropout too)
+    ratio is not 1 at the first step (docs/PPO.md). Covers ``nn.Dropout`` layers (LoRA dropout too)
     and the float attributes that HF attention modules and configs read at call time.
     """
     for module in model.modules():

@@ -236,7 +236,7 @@ def test_a_compute_rewards_override_drives_the_update_and_the_kl_controller(kit:
 
 def test_generate_scores_match_forward_logprobs_with_left_padding(kit: Any) -> None:
     """Rollout log-probs (teacher-forced, position_ids from the mask) equal what ``generate``
-    computed token by token with its KV cache: same positions, same policy (PITFALLS #1)."""
+    computed token by token with its KV cache: same positions, same policy (docs/PPO.md: ratio 1 at the first step)."""
     tok, actor, rm, critic = kit
     module = PolicyModule.from_models(actor, tok, rm, critic=critic, generation={"max_new_tokens": 6, "do_sample": False})
     module.configure_model()
@@ -257,7 +257,7 @@ def test_generate_scores_match_forward_logprobs_with_left_padding(kit: Any) -> N
 
 def test_ragged_batch_scoring_equals_per_row_loop(kit: Any) -> None:
     """Log-probs, values, scores and dense rewards of a padded batch equal each row scored alone,
-    unpadded (PITFALLS #5: off-by-one at response ends)."""
+    unpadded: no off-by-one at response ends (docs/PPO.md: ragged batches)."""
     tok, actor, rm, critic = kit
     module = PolicyModule.from_models(actor, tok, rm, critic=critic, generation={"max_new_tokens": 7})
     module.configure_model()
