@@ -63,15 +63,18 @@ from equilibrate_pl.distributed import (
     world_size,
 )
 from equilibrate_pl.models.forward import can_share_prompt_cache, shared_prompt_forward
-from equilibrate_pl.models.loading import adapter_disabled
-from equilibrate_pl.models.scalar_head import position_ids_from_mask
+from equilibrate_pl.models.loading import adapter_disabled, check_adapter_reference
+from equilibrate_pl.models.scalar_head import init_scalar_head, position_ids_from_mask, position_scores
 from equilibrate_pl.modules.common import (
     ModelSettings,
     NonFiniteGuard,
     OptimSettings,
+    build_causal_lm,
+    build_scalar_model,
     check_tokenizers_match,
     coerce_settings,
     configure_adamw,
+    export_hf,
     save_plain_hyperparameters,
     step_is_logged,
 )
@@ -340,8 +343,6 @@ class PolicyModule(LightningModule):
 
     def build_models(self) -> None:
         """Load whatever :meth:`from_models` did not provide, from the settings."""
-        from equilibrate_pl.modules.common import build_causal_lm, build_scalar_model
-
         if self.actor is None:
             self.actor, self.tokenizer = build_causal_lm(self.actor_settings)
         if self.reward_model is None:
@@ -374,8 +375,6 @@ class PolicyModule(LightningModule):
         if self.critic is not None:
             disable_dropout(self.critic).train()
         if self.uses_critic and self.critic_mode == "shared" and self.value_head is None:
-            from equilibrate_pl.models.scalar_head import init_scalar_head
-
             hidden = self.actor.config.hidden_size
             self.value_head = nn.Linear(hidden, 1).to(next(self.actor.parameters()).dtype)
             init_scalar_head(self.value_head, seed=self.seed)
@@ -384,8 +383,6 @@ class PolicyModule(LightningModule):
             if mode == "auto":
                 mode = "adapter_disabled" if _is_peft(self.actor) else "copy"
             if mode == "adapter_disabled":
-                from equilibrate_pl.models.loading import check_adapter_reference
-
                 check_adapter_reference(self.actor)
             else:
                 self.reference = self._freeze(copy.deepcopy(self.actor))
@@ -494,8 +491,6 @@ class PolicyModule(LightningModule):
     ) -> torch.Tensor:
         """(B, L) per-position scores of a scalar-head model (critic or reward); ``group`` and
         ``prompt_length`` as in :meth:`actor_forward`."""
-        from equilibrate_pl.models.scalar_head import position_scores
-
         if group > 1 and prompt_length > 0 and can_share_prompt_cache(model):
             logits, _ = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
                                               prompt_positions=prompt_length)
@@ -896,8 +891,6 @@ class PolicyModule(LightningModule):
 
     def export(self, directory: str, merge_lora: bool = True) -> None:
         """The actor as a Hugging Face directory (safetensors + tokenizer), LoRA merged unless asked not to."""
-        from equilibrate_pl.modules.common import export_hf
-
         export_hf(self.actor, self.tokenizer, directory, merge_lora=merge_lora)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

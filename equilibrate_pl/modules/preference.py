@@ -39,6 +39,7 @@ from equilibrate_pl.algorithms.dpo import dpo_loss, implicit_rewards
 from equilibrate_pl.algorithms.logprobs import sequence_logprobs
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.data.schema import IGNORE_INDEX
+from equilibrate_pl.models import check_adapter_reference, freeze, load_causal_lm, load_scalar_model, position_scores
 from equilibrate_pl.models.forward import forward_token_logprobs, stack_pairs
 from equilibrate_pl.modules.common import (
     ModelSettings,
@@ -141,8 +142,6 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         if reference == "copy":
             self.reference = self._load_frozen_reference()
         else:
-            from equilibrate_pl.models import check_adapter_reference
-
             check_adapter_reference(self.model)  # fails now, not after hours, if disabling is not the base
         self.reward_model: torch.nn.Module | None = None
         if uses_rm:
@@ -154,15 +153,11 @@ class PreferenceModule(SingleModelHooks, LightningModule):
     # -- models ----------------------------------------------------------------------------
 
     def _load_frozen_reference(self) -> torch.nn.Module:
-        from equilibrate_pl.models import freeze, load_causal_lm
-
         s = self.model_settings
         reference, _ = load_causal_lm(s.name_or_path, dtype=s.dtype, quant=s.quant, trust_remote_code=s.trust_remote_code)
         return freeze(reference)
 
     def _load_reward_model(self, path: str) -> torch.nn.Module:
-        from equilibrate_pl.models import freeze, load_scalar_model
-
         reward_model, reward_tokenizer = load_scalar_model(
             path, dtype=self.model_settings.dtype, init_from_causal_lm=False,
             trust_remote_code=self.model_settings.trust_remote_code,
@@ -206,8 +201,6 @@ class PreferenceModule(SingleModelHooks, LightningModule):
     @torch.no_grad()
     def dense_reward_signal(self, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B, L-1) reward-model dense rewards aligned to the log-prob positions."""
-        from equilibrate_pl.models import position_scores
-
         if self.reward_model is None:
             raise RuntimeError("dense_reward signal needs a reward model (set reward_model)")
         scores = position_scores(self.reward_model, pairs["input_ids"], pairs["attention_mask"])
