@@ -6,11 +6,12 @@ tokens; DPO/ADPO) and :func:`forward_scores` (a scalar-head model's sequence sco
 model). Both run each pair as one packed row with the prompt computed once
 (``algorithms.prefix_sharing``) where the model allows it (:func:`can_run_packed`), else the
 stacked rows, in up to ``length_groups`` forwards of rows of similar length, and return the
-stacked layout either way: callers never see which path ran. The LM head runs in one place,
-:func:`lm_token_logprobs`.
+stacked layout either way: callers never see which path ran. The LM head's log-probs are taken
+here only: :func:`lm_token_logprobs` for pairs, :func:`rollout_token_logprobs` for rollouts.
 
-Rollouts with several responses per prompt run the prompt once on a repeated KV cache
-(:func:`shared_prompt_forward`). The capability checks read a model's forward signature and
+Rollouts (``[left-padded prompt | response]`` rows) have their own two, :func:`rollout_token_logprobs`
+and :func:`rollout_scores`; with several responses per prompt they run the prompt once on a
+repeated KV cache (:func:`shared_prompt_forward`). The capability checks read a model's forward signature and
 attention settings (:func:`forward_takes`, :func:`is_causal_model`).
 """
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from equilibrate_pl.algorithms.logprobs import first_scored_position, tail_token_logprobs, token_logprobs
+from equilibrate_pl.algorithms.ppo import entropy_from_logits
 from equilibrate_pl.algorithms.prefix_sharing import (
     PackedPairs,
     additive_mask,
@@ -342,3 +344,54 @@ def shared_prompt_forward(
         hidden = torch.cat([prompt.hidden_states[-1][:, -prompt_positions:].repeat_interleave(group, 0),
                             response.hidden_states[-1]], dim=1)
     return logits, hidden
+
+
+def rollout_token_logprobs(
+    model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, group: int = 1,
+    temperature: float = 1.0, with_entropy: bool = False, with_hidden: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``{"logprobs": (B, R)}`` of the response tokens of rollout rows under causal LM ``model``
+    (column t: generated token t; 0 off the response), with ``entropy`` (B, R) and the last layer's
+    ``hidden`` states (B, R, H) at the positions that predict them when asked.
+
+    Args:
+        sequences, attention_mask: (B, P + R) ``[left-padded prompt | response]``.
+        prompt_length: P.
+        group: rows come in blocks of ``group`` with the same prompt, which then runs once
+            (:func:`shared_prompt_forward`) when the model allows (:func:`can_share_prompt_cache`).
+        temperature: the sampling temperature: log-probs of ``softmax(logits / temperature)``.
+    """
+    width = sequences.shape[1] - prompt_length
+    if group > 1 and can_share_prompt_cache(model):
+        logits, hidden = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
+                                               prompt_positions=1, output_hidden_states=with_hidden)
+    else:
+        out = model(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False, logits_to_keep=width + 1, output_hidden_states=with_hidden,
+        )
+        # logits[:, j] predicts sequences[:, P - 1 + j + 1]: the last width+1 positions cover the response.
+        logits = out.logits[:, -(width + 1):]
+        hidden = out.hidden_states[-1][:, prompt_length - 1:] if with_hidden else None
+    resp_mask = attention_mask[:, prompt_length - 1:].bool().clone()
+    resp_mask[:, 0] = False
+    if temperature != 1.0:
+        logits = logits / temperature
+    result = {"logprobs": token_logprobs(logits, sequences[:, prompt_length - 1:], resp_mask)}
+    if with_entropy:
+        result["entropy"] = entropy_from_logits(logits[:, :-1])
+    if hidden is not None:
+        result["hidden"] = hidden[:, :-1]
+    return result
+
+
+def rollout_scores(
+    model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int = 0, group: int = 1,
+) -> torch.Tensor:
+    """(B, L) float32 per-position scores of scalar-head ``model`` (a critic or a reward model) on
+    rollout rows, 0 at padding; ``group`` and ``prompt_length`` as in :func:`rollout_token_logprobs`."""
+    if group > 1 and prompt_length > 0 and can_share_prompt_cache(model):
+        logits, _ = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
+                                          prompt_positions=prompt_length)
+        return logits.squeeze(-1).float().masked_fill(attention_mask == 0, 0.0)
+    return position_scores(model, sequences, attention_mask, position_ids_from_mask(attention_mask))

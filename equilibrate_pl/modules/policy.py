@@ -39,9 +39,7 @@ from torch import nn
 
 from equilibrate_pl.algorithms.ama import APPOSettings, appo_mask
 from equilibrate_pl.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
-from equilibrate_pl.algorithms.logprobs import token_logprobs
 from equilibrate_pl.algorithms.ppo import (
-    entropy_from_logits,
     gae,
     group_advantages,
     masked_mean,
@@ -62,9 +60,9 @@ from equilibrate_pl.distributed import (
     rank,
     world_size,
 )
-from equilibrate_pl.models.forward import can_share_prompt_cache, shared_prompt_forward
+from equilibrate_pl.models.forward import rollout_scores, rollout_token_logprobs
 from equilibrate_pl.models.loading import adapter_disabled, check_adapter_reference
-from equilibrate_pl.models.scalar_head import init_scalar_head, position_ids_from_mask, position_scores
+from equilibrate_pl.models.scalar_head import init_scalar_head
 from equilibrate_pl.modules.common import (
     ModelSettings,
     NonFiniteGuard,
@@ -456,46 +454,25 @@ class PolicyModule(LightningModule):
         self, model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
         with_values: bool = False, with_entropy: bool = False, group: int = 1,
     ) -> dict[str, torch.Tensor]:
-        """Log-probs of the response tokens (B, R), optionally entropy and shared-head values.
-
-        ``group`` > 1: rows come in blocks of ``group`` with the same prompt, which is run once
-        (:func:`~equilibrate_pl.models.forward.shared_prompt_forward`) when the model allows.
-        """
-        width = sequences.shape[1] - prompt_length
-        if group > 1 and can_share_prompt_cache(model):
-            logits, hidden = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
-                                                   prompt_positions=1, output_hidden_states=with_values)
-        else:
-            out = model(
-                input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False, logits_to_keep=width + 1, output_hidden_states=with_values,
-            )
-            # logits[:, j] predicts sequences[:, P - 1 + j + 1]: the last width+1 positions cover the response.
-            logits = out.logits[:, -(width + 1):]
-            hidden = out.hidden_states[-1][:, prompt_length - 1:] if with_values else None
-        resp_mask = attention_mask[:, prompt_length - 1:].bool().clone()
-        resp_mask[:, 0] = False
-        if self.generation.do_sample and self.generation.temperature != 1.0:
-            # Rollouts were sampled from softmax(logits / T): old and new log-probs are of that policy.
-            logits = logits / self.generation.temperature
-        result = {"logprobs": token_logprobs(logits, sequences[:, prompt_length - 1:], resp_mask)}
-        if with_entropy:
-            result["entropy"] = entropy_from_logits(logits[:, :-1])
+        """Log-probs of the response tokens (B, R) under the sampling temperature
+        (:func:`~equilibrate_pl.models.forward.rollout_token_logprobs`), optionally entropy and the
+        shared value head's values. ``group`` as there."""
+        # Rollouts were sampled from softmax(logits / T): old and new log-probs are of that policy.
+        temperature = self.generation.temperature if self.generation.do_sample else 1.0
+        out = rollout_token_logprobs(model, sequences, attention_mask, prompt_length, group=group, temperature=temperature,
+                                     with_entropy=with_entropy, with_hidden=with_values)
+        hidden = out.pop("hidden", None)
         if hidden is not None:
-            result["values"] = self.value_head(hidden[:, :-1]).squeeze(-1).float()
-        return result
+            out["values"] = self.value_head(hidden).squeeze(-1).float()
+        return out
 
     @staticmethod
     def scalar_forward(
         model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int = 0, group: int = 1,
     ) -> torch.Tensor:
-        """(B, L) per-position scores of a scalar-head model (critic or reward); ``group`` and
-        ``prompt_length`` as in :meth:`actor_forward`."""
-        if group > 1 and prompt_length > 0 and can_share_prompt_cache(model):
-            logits, _ = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
-                                              prompt_positions=prompt_length)
-            return logits.squeeze(-1).float().masked_fill(attention_mask == 0, 0.0)
-        return position_scores(model, sequences, attention_mask, position_ids_from_mask(attention_mask))
+        """(B, L) per-position scores of a scalar-head model (critic or reward;
+        :func:`~equilibrate_pl.models.forward.rollout_scores`)."""
+        return rollout_scores(model, sequences, attention_mask, prompt_length, group)
 
     def prompt_group(self, rollout: Rollout, index: torch.Tensor) -> int:
         """``samples_per_prompt`` when rows ``index`` are whole blocks of the same prompt (so the
