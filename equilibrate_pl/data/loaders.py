@@ -624,7 +624,7 @@ def _make_record(
     src = row.get("source")
     record["source"] = src if isinstance(src, str) and src else source_name
     meta = dict(row["meta"]) if isinstance(row.get("meta"), Mapping) else {}
-    keep = set(RECORD_FIELDS[kind])
+    keep = set(RECORD_FIELDS[kind]) | (set(SIGNAL_FIELDS) if kind == "preference" else set())
     for key, value in row.items():
         if key not in keep and value is not None:
             meta[key] = value

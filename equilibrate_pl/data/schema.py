@@ -42,11 +42,12 @@ IGNORE_INDEX = -100
 # other column of a source in ``meta``. ``prompt`` is a string or a chat message list; ``chosen`` /
 # ``rejected`` / ``response`` are the final assistant turn only; ``group`` is a name from
 # GROUP_NAMES (or None before categorization).
-# Per-token values of a preference pair's responses (ADPO's ``ama.token_signal: field``), optional.
+# Optional per-token values of a preference pair's responses (ADPO's ``ama.token_signal: field``);
+# a preference record may carry them besides RECORD_FIELDS.
 SIGNAL_FIELDS: tuple[str, ...] = ("chosen_token_signal", "rejected_token_signal")
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt": ("id", "prompt", "group", "source", "meta"),
-    "preference": ("id", "prompt", "chosen", "rejected", "group", "source", "meta", *SIGNAL_FIELDS),
+    "preference": ("id", "prompt", "chosen", "rejected", "group", "source", "meta"),
     "sft": ("id", "prompt", "response", "group", "source", "meta"),
 }
 # Fields a source must provide for each kind (after column mapping); the rest have defaults.
