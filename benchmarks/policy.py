@@ -89,8 +89,10 @@ def _policy_module_class() -> type:
     return BenchPolicyModule
 
 
-def run_ours_policy(setup: PromptSetup, mode: str, prompts: int, k: int, max_new_tokens: int, steps: int, warmup: int) -> dict[str, Any]:
-    """``mode``: ``grpo`` (critic-free, k samples per prompt), ``ppo`` or ``appo`` (GAE with a critic)."""
+def run_ours_policy(setup: PromptSetup, mode: str, prompts: int, k: int, max_new_tokens: int, steps: int, warmup: int,
+                    **module_args: Any) -> dict[str, Any]:
+    """``mode``: ``grpo`` (critic-free, k samples per prompt), ``ppo`` or ``appo`` (GAE with a critic);
+    ``module_args`` override ``PolicyModule`` arguments (a ``ppo`` dict is merged into the mode's)."""
     from lightning.pytorch import Trainer, seed_everything
 
     from equilibrate_pl.models import count_parameters
@@ -125,7 +127,9 @@ def run_ours_policy(setup: PromptSetup, mode: str, prompts: int, k: int, max_new
         return out
 
     with PeakRSS() as mem:
-        module = _policy_module_class()(**settings)
+        module_args = dict(module_args)
+        settings["ppo"] = {**settings["ppo"], **module_args.pop("ppo", {})}
+        module = _policy_module_class()(**settings, **module_args)
         trainer = Trainer(
             accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

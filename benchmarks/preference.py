@@ -102,9 +102,10 @@ def _pair_count(batch: dict[str, Any]) -> tuple[int, int]:
     return int(batch["chosen_input_ids"].shape[0]), int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
 
 
-def run_ours_preference(setup: PreferenceSetup, variant: str, warmup: int) -> dict[str, Any]:
+def run_ours_preference(setup: PreferenceSetup, variant: str, warmup: int, **module_args: Any) -> dict[str, Any]:
     """``variant``: ``dpo`` (reference forward every step), ``dpo-pre`` (precomputed reference
-    log-probs) or ``adpo-pre`` (ADPO, dense reward-model signal and reference precomputed)."""
+    log-probs) or ``adpo-pre`` (ADPO, dense reward-model signal and reference precomputed);
+    ``module_args`` override ``PreferenceModule`` arguments (``benchmarks.switches``)."""
     from lightning.pytorch import seed_everything
 
     from equilibrate_pl.modules import PreferenceModule
@@ -123,7 +124,7 @@ def run_ours_preference(setup: PreferenceSetup, variant: str, warmup: int) -> di
             optim=OptimSettings(lr=LR, scheduler="constant"), beta=BETA,
             ama={"enabled": adpo, "token_signal": "dense_reward", "baseline": "batch_mean"},
             reward_model=str(setup.reward_dir) if adpo else None, precompute_reference=precompute, cache_dir=str(cache),
-            reference="adapter_disabled" if lora else "copy",
+            reference="adapter_disabled" if lora else "copy", **module_args,
         )
         trainer = _lightning_trainer(steps, [lightning_step_timer(log, _pair_count)], setup.workdir)
         trainer.fit(module, train_dataloaders=setup.our_loader())
@@ -175,7 +176,7 @@ def run_trl_dpo(setup: PreferenceSetup, warmup: int, precompute: bool, lora: boo
     return out
 
 
-def run_ours_reward(setup: PreferenceSetup, warmup: int) -> dict[str, Any]:
+def run_ours_reward(setup: PreferenceSetup, warmup: int, **module_args: Any) -> dict[str, Any]:
     from lightning.pytorch import seed_everything
 
     from equilibrate_pl.modules import RewardModule
@@ -185,7 +186,8 @@ def run_ours_reward(setup: PreferenceSetup, warmup: int) -> dict[str, Any]:
     steps = setup.rows // setup.batch_size
     log = StepLog(warmup)
     with PeakRSS() as mem:
-        module = RewardModule(model=ModelSettings(str(setup.model_dir)), optim=OptimSettings(lr=LR, scheduler="constant"))
+        module = RewardModule(model=ModelSettings(str(setup.model_dir)), optim=OptimSettings(lr=LR, scheduler="constant"),
+                              **module_args)
         trainer = _lightning_trainer(steps, [lightning_step_timer(log, _pair_count)], setup.workdir)
         trainer.fit(module, train_dataloaders=setup.our_loader())
     out = log.summary()

@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _quiet()
     import torch
 
-    from benchmarks.common import machine_info, matmul_peak_gflops, write_json_atomic, write_text_atomic
+    from benchmarks.common import machine_info, matmul_peak_gflops
+    from equilibrate_pl.files import atomic_write_json, atomic_write_text
 
     torch.set_num_threads(args.threads)
     p = _profile(args)
@@ -396,8 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "latest"
-    write_json_atomic(args.out / f"{stem}.json", result)
-    write_text_atomic(args.out / f"{stem}.md", markdown(result))
+    atomic_write_json(args.out / f"{stem}.json", result)
+    atomic_write_text(args.out / f"{stem}.md", markdown(result))
     say(f"wrote {args.out / f'{stem}.json'} in {result['seconds']:.0f}s")
     print(markdown(result))
     return result

@@ -103,9 +103,9 @@ def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[st
     say(f"seed {seed}: evaluation of {len(models)} models")
     result = evaluate_arms(settings, models, rm_dir)
     metrics = {name: {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))} for name, res in result.models.items()}
-    from benchmarks.common import write_json_atomic
+    from equilibrate_pl.files import atomic_write_json
 
-    write_json_atomic(done, {"settings": _seed_settings(args), "metrics": metrics})
+    atomic_write_json(done, {"settings": _seed_settings(args), "metrics": metrics})
     return metrics
 
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from benchmarks.common import write_json_atomic, write_text_atomic
+    from equilibrate_pl.files import atomic_write_json, atomic_write_text
 
     transformers.utils.logging.disable_progress_bar()
 
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per_seed": {str(k): v for k, v in per_seed.items()}, "aggregate": aggregate(per_seed),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "tradeoff.json", summary)
-    write_text_atomic(args.out / "tradeoff.md", markdown(summary))
+    atomic_write_json(args.out / "tradeoff.json", summary)
+    atomic_write_text(args.out / "tradeoff.md", markdown(summary))
     plot(summary, args.out / "tradeoff.png")
     say(f"wrote {args.out / 'tradeoff.json'}")
     print(markdown(summary))

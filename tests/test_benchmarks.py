@@ -24,7 +24,7 @@ def test_benchmark_smoke_writes_valid_json(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "latest.json").read_text())
-    assert not list(tmp_path.glob(".*.tmp")), "atomic write left a temp file"
+    assert not list(tmp_path.glob(".*.tmp*")), "atomic write left a temp file"
     assert result["mode"] == "smoke"
     for key in ("machine", "settings", "matmul_peak", "rows", "phases", "mfu", "memory_method", "timing_method"):
         assert key in result, key
@@ -51,3 +51,14 @@ def test_benchmark_smoke_writes_valid_json(tmp_path: Path) -> None:
         assert 0 < row["mfu"] and row["params"] > 0
     md = (tmp_path / "latest.md").read_text()
     assert "| preference/dpo |" in md and "MFU" in md
+
+
+def test_switch_ab_runs_both_sides(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.switches", "rm.share_prompt", "--reps", "1", "--batch", "2", "--steps", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rm.share_prompt on (True)" in proc.stderr and "rm.share_prompt off (False)" in proc.stderr
+    assert "| rm.share_prompt (True, False) |" in proc.stdout

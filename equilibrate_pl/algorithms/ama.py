@@ -1,6 +1,6 @@
 """Adaptive Message-wise Alignment: masks that keep only the key tokens of each response.
 
-METHOD.md section 3. A good response (chosen / non-negative advantage) keeps tokens whose signal is
+docs/METHOD.md section 3. A good response (chosen / non-negative advantage) keeps tokens whose signal is
 above the baseline, a bad one keeps tokens below it. Padding is never kept. A row whose mask would
 be empty falls back to its full mask, so every response still contributes; callers log how often.
 """
@@ -8,7 +8,8 @@ be empty falls back to its full mask, so every response still contributes; calle
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple, Union
+from dataclasses import dataclass
+from typing import ClassVar, Literal, NamedTuple, Union
 
 import torch
 
@@ -153,3 +154,53 @@ def appo_mask(
 def kept_fraction(keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Share of real tokens kept by an AMA mask: a 0-dim float32 logging statistic (0 if no tokens)."""
     return keep.sum().float() / mask.bool().sum().clamp(min=1).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: one concept, the signals each stage can use
+
+
+@dataclass
+class AMASettings:
+    """The AMA mask's switches; ``enabled=False`` is plain PPO / DPO.
+
+    Args:
+        enabled: apply the mask.
+        token_signal: where r_t comes from; each stage allows its own (:class:`APPOSettings`,
+            :class:`ADPOSettings`): ``value`` (the critic's V_t), ``dense_reward`` (differences of a
+            reward model's prefix scores), ``implicit`` (beta*(log pi - log pi_ref) per token,
+            detached) or ``field`` (a per-token column of the data).
+        baseline: ``zero`` or ``batch_mean`` (mean signal over every real response token of the
+            batch; for ADPO chosen and rejected together).
+    """
+
+    SIGNALS: ClassVar[tuple[str, ...]] = ("dense_reward",)
+
+    enabled: bool = False
+    token_signal: str = "dense_reward"
+    baseline: Literal["zero", "batch_mean"] = "zero"
+
+    def __post_init__(self) -> None:
+        if self.token_signal not in self.SIGNALS:
+            raise ValueError(f"ama.token_signal must be one of {list(self.SIGNALS)} here, got {self.token_signal!r}")
+        if self.baseline not in ("zero", "batch_mean"):
+            raise ValueError(f"ama.baseline must be zero or batch_mean, got {self.baseline!r}")
+
+
+@dataclass
+class APPOSettings(AMASettings):
+    """AMA for PPO: ``value`` (the authors' choice) or ``dense_reward`` (what critic-free GRPO/RLOO
+    need)."""
+
+    SIGNALS: ClassVar[tuple[str, ...]] = ("value", "dense_reward")
+
+    token_signal: Literal["value", "dense_reward"] = "value"
+
+
+@dataclass
+class ADPOSettings(AMASettings):
+    """AMA for DPO: ``implicit``, ``dense_reward`` (needs a reward model) or ``field``."""
+
+    SIGNALS: ClassVar[tuple[str, ...]] = ("dense_reward", "implicit", "field")
+
+    token_signal: Literal["dense_reward", "implicit", "field"] = "implicit"

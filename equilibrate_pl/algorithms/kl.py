@@ -4,7 +4,7 @@ The penalty enters the per-token reward, ``r_t = -beta * kl_t`` (plus the score 
 as in Ziegler et al. (2019) and every PPO-for-LMs library since. Estimators (Schulman, "Approximating
 KL divergence", 2020), with ``log_ratio = log pi(y_t) - log pi_ref(y_t)`` on the sampled token:
 
-- ``k1 = log_ratio``: unbiased, but a single token can be negative (PITFALLS #7), so a batch mean
+- ``k1 = log_ratio``: unbiased, but a single token can be negative (docs/PPO.md: negative KL), so a batch mean
   can look like "negative KL";
 - ``k3 = exp(-log_ratio) - 1 + log_ratio``: unbiased for KL(pi || pi_ref) under samples from pi
   and never negative, with lower variance than k1 when the policies are close.

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from equilibrate_pl.data.schema import IGNORE_INDEX
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:

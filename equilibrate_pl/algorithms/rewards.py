@@ -6,7 +6,7 @@ import torch
 
 
 def dense_rewards(prefix_scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token rewards as differences of prefix scores (METHOD.md section 3, ``dense_reward``).
+    """Per-token rewards as differences of prefix scores (docs/METHOD.md section 3, ``dense_reward``).
 
     Args:
         prefix_scores: (B, L) the reward head applied at every position, so entry t is

@@ -16,7 +16,8 @@ import sys
 from collections import Counter
 from typing import Any, Sequence
 
-from equilibrate_pl.data.fdc import CATEGORIZER_METHODS, build_categorizer, synthesize_mhd, synthesize_mhd_llm
+from equilibrate_pl.data.fdc import CATEGORIZER_METHODS, build_categorizer
+from equilibrate_pl.data.fdc_mhd import synthesize_mhd, synthesize_mhd_llm
 from equilibrate_pl.data.loaders import PRESETS, DataError, DataSource, load_records, write_jsonl
 from equilibrate_pl.data.schema import GROUP_NAMES, Group
 

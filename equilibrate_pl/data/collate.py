@@ -10,17 +10,17 @@ Each collator does two things:
 - ``__call__(features)``: pad a list of encoded rows into tensors. Cheap: it runs per batch.
 
 Labels are ``-100`` on prompt and padding and equal to the token ids on the response INCLUDING its
-eos (PITFALLS #2: the model must learn to stop). Truncation:
+eos (the model must learn to stop; docs/DATA.md: EOS is not padding). Truncation:
 
 - ``max_prompt_length``: a longer prompt keeps its LAST tokens (the generation prompt sits at the
   end; what goes is the start of a long dialogue);
 - ``max_length``: prompt + response; a longer response is cut from the right and then has no eos.
   Such rows are flagged (``response_truncated`` / ``chosen_truncated`` / ``rejected_truncated``)
-  so that losses and rewards can treat them on purpose (PITFALLS #4). ``prompt_truncated`` flags
+  so that losses and rewards can treat them on purpose (docs/PPO.md: responses without EOS). ``prompt_truncated`` flags
   cut prompts.
 
 The pad token must exist and differ from eos, otherwise masking padding also masks the eos
-(PITFALLS #2): the collators raise.
+(docs/DATA.md: EOS is not padding): the collators raise.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from equilibrate_pl.data.schema import PromptLike
-
-IGNORE_INDEX = -100
+from equilibrate_pl.data.schema import IGNORE_INDEX, PromptLike
 Features = dict[str, Any]
 
 
@@ -49,7 +47,7 @@ def pad_and_eos_ids(tokenizer: Any) -> tuple[int, int]:
     if pad == eos:
         raise ValueError(
             f"pad_token_id == eos_token_id == {pad}: masking padding would also mask the real eos and the "
-            "model would never learn to stop (PITFALLS #2); use a distinct pad token"
+            "model would never learn to stop (docs/DATA.md: EOS is not padding); use a distinct pad token"
         )
     return int(pad), int(eos)
 

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import random
+import warnings
 from collections import Counter
 from dataclasses import asdict
 from typing import Any, Literal
@@ -133,8 +134,7 @@ class SafetyDataModule(LightningDataModule):
         general: general (helpfulness) data files; every row is used, labelled ``general``.
         safety: safety data files, labelled per row or categorized on the fly (``categorizer``).
         builtin_world: use the built-in synthetic world for a pool that has no files.
-        world_size: size of the built-in world, ``default`` or ``tiny`` (not the distributed
-            world size, which comes from the Trainer).
+        world_scale: size of the built-in world, ``default`` or ``tiny`` (~10x smaller).
         world_seed: seed of the built-in world (the data themselves; ``seed`` varies the mix).
         categorizer: ``None`` keeps the groups in the data; ``labels`` | ``rules`` |
             ``classifier`` | ``judge`` re-categorizes every safety row (``data.fdc``).
@@ -152,6 +152,8 @@ class SafetyDataModule(LightningDataModule):
         val_size: validation rows: the world's eval split for the built-in world, else held out of
             the loaded pools before mixing (equal shares per group, at most a quarter of a group).
         on_bad_row: ``raise`` or ``skip`` (skipped rows are counted in ``describe()``).
+        world_size: the former name of ``world_scale`` (it read like the number of processes); still
+            accepted, with a FutureWarning.
     """
 
     def __init__(
@@ -161,7 +163,7 @@ class SafetyDataModule(LightningDataModule):
         general: list[DataSource] | None = None,
         safety: list[DataSource] | None = None,
         builtin_world: bool = True,
-        world_size: Literal["default", "tiny"] = "default",
+        world_scale: Literal["default", "tiny"] = "default",
         world_seed: int = 0,
         categorizer: str | None = None,
         categorizer_args: dict[str, Any] | None = None,
@@ -178,8 +180,14 @@ class SafetyDataModule(LightningDataModule):
         max_prompt_length: int = 128,
         val_size: int = 64,
         on_bad_row: Literal["raise", "skip"] = "raise",
+        world_size: Literal["default", "tiny"] | None = None,
     ) -> None:
         super().__init__()
+        if world_size is not None:
+            warnings.warn("data.world_size is now data.world_scale (the size of the built-in world; the number of "
+                          "processes is the Trainer's); the old name will be refused in a later release",
+                          FutureWarning, stacklevel=2)
+            world_scale = world_size
         if stage not in ("sft", "preference", "prompt"):
             raise ValueError(f"stage must be 'sft', 'preference' or 'prompt', got {stage!r}")
         if mix not in ("ratio", "quota", "all", "naive"):
@@ -192,7 +200,7 @@ class SafetyDataModule(LightningDataModule):
             raise ValueError("builtin_world=False needs both `general` and `safety` data sources")
         self.stage_kind = stage
         self.tokenizer_name = tokenizer
-        self.builtin_world, self.world_size, self.world_seed = builtin_world, world_size, world_seed
+        self.builtin_world, self.world_scale, self.world_seed = builtin_world, world_scale, world_seed
         self.categorizer, self.categorizer_args = categorizer, dict(categorizer_args or {})
         self.mix_mode, self.ratios, self.quotas = mix, ratios, quotas
         self.naive_scale, self.replacement, self.seed = naive_scale, replacement, seed
@@ -200,7 +208,7 @@ class SafetyDataModule(LightningDataModule):
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.val_size, self.on_bad_row = val_size, on_bad_row
         # Plain types only in hparams: checkpoints stay loadable with weights_only=True.
-        self.save_hyperparameters(ignore=["general", "safety"])
+        self.save_hyperparameters(ignore=["general", "safety", "world_size"])
         self.hparams["general"] = [asdict(s) for s in self.general]
         self.hparams["safety"] = [asdict(s) for s in self.safety]
 
@@ -268,7 +276,7 @@ class SafetyDataModule(LightningDataModule):
     def _load_pools(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]] | None]:
         world = None
         if self.builtin_world and not (self.general and self.safety):
-            world = _cached_world(self.world_seed, self.world_size)
+            world = _cached_world(self.world_seed, self.world_scale)
         if self.general:
             general = []
             for src in self.general:
@@ -281,7 +289,7 @@ class SafetyDataModule(LightningDataModule):
                 general.extend({**r, "group": Group.GENERAL.value} for r in rows)
         else:
             general = world.general_pool("train")
-            self._sources.append(f"general: built-in world ({self.world_size}, seed {self.world_seed}), train split, {len(general)} rows")
+            self._sources.append(f"general: built-in world ({self.world_scale}, seed {self.world_seed}), train split, {len(general)} rows")
         if self.safety:
             safety = [r for src in self.safety for r in self._load(src, "safety")]
         else:

@@ -27,11 +27,11 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
-from equilibrate_pl.data.schema import GROUP_NAMES, REQUIRED_FIELDS, Group
+from equilibrate_pl.data.schema import BEAVERTAILS_GROUP_LABELS, GROUP_NAMES, RECORD_FIELDS, REQUIRED_FIELDS, SIGNAL_FIELDS, Group
 from equilibrate_pl.files import atomic_write_jsonl
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "SkippedRow",
     "LoadResult",
     "PRESETS",
-    "DEFAULT_GROUP_MAP",
     "load_records",
     "parse_transcript",
     "write_jsonl",
@@ -49,18 +48,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Record fields each kind keeps at top level; every other column goes to `meta`.
-_KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "prompt": ("id", "prompt", "group", "source"),
-    "preference": ("id", "prompt", "chosen", "rejected", "group", "source", "chosen_token_signal", "rejected_token_signal"),
-    "sft": ("id", "prompt", "response", "group", "source"),
-}
 _MESSAGE_ROLES = ("system", "user", "assistant")
-# Per-token values of a preference pair's responses (ADPO's ``ama.token_signal: field``).
-SIGNAL_FIELDS = ("chosen_token_signal", "rejected_token_signal")
 # Rows named per reason in a skip report before "and N more".
 _ROWS_SHOWN = 10
-# Labels found in real FDC data that are not canonical group names.
-DEFAULT_GROUP_MAP: dict[str, str] = {"no risk": "general", "other": "general"}
 
 
 class DataError(ValueError):
@@ -232,7 +222,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "xstest": Preset("prompt", {}, _xstest),
     "xstest-completions": Preset("sft", {"completion": "response"}, _xstest_completions, kinds=("prompt",)),
-    "beavertails-fdc": Preset("prompt", {"question_y": "prompt", "category": "group"}, _beavertails, DEFAULT_GROUP_MAP),
+    "beavertails-fdc": Preset("prompt", {"question_y": "prompt", "category": "group"}, _beavertails, BEAVERTAILS_GROUP_LABELS),
     "hh-rlhf": Preset("preference", {}, _hh_rlhf, kinds=("prompt",)),
     "pku-saferlhf": Preset("preference", {}, _pku_saferlhf, kinds=("prompt",)),
     "beavertails": Preset("prompt", {}, _beavertails_qa, kinds=("sft",)),
@@ -634,7 +624,7 @@ def _make_record(
     src = row.get("source")
     record["source"] = src if isinstance(src, str) and src else source_name
     meta = dict(row["meta"]) if isinstance(row.get("meta"), Mapping) else {}
-    keep = set(_KIND_FIELDS[kind]) | {"meta"}
+    keep = set(RECORD_FIELDS[kind]) | (set(SIGNAL_FIELDS) if kind == "preference" else set())
     for key, value in row.items():
         if key not in keep and value is not None:
             meta[key] = value
@@ -643,6 +633,6 @@ def _make_record(
 
 
 def write_jsonl(records: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]], path: str | os.PathLike) -> int:
-    """Write records as JSONL atomically (``equilibrate_pl.files``); NaN / infinity become ``null``,
-    values JSON does not know (dates or decimals in a parquet row's meta) strings."""
+    """Write records as JSONL atomically (``equilibrate_pl.files``); returns how many. NaN / infinity
+    become ``null``, values JSON does not know (dates or decimals in a parquet row's meta) strings."""
     return atomic_write_jsonl(path, records)

@@ -3,7 +3,7 @@
 Pure python (no torch): a mix is a list of records plus an account of what was asked for and
 what was available, so that a short group is reported, never silently under-filled.
 
-Modes (METHOD.md section 2, docs/DATA.md):
+Modes (docs/METHOD.md section 2, docs/DATA.md):
 - ``ratio``: ``n_group = round(len(general) / ratios[group])`` safety rows per group, i.e. one
   safety row of that group per ``ratios[group]`` general rows. Defaults come from the paper's
   draft (EHD 1:20-1:30, IHD 1:50-1:100, MHD 1:100-1:200; we take the middle of each range).

@@ -1,14 +1,9 @@
-"""Record kinds and FDC group labels shared by every stage.
-
-A record is a plain dict after loading (datasets and DataLoaders move dicts around cheaply);
-these dataclasses document the fields and do the validation that loaders report per row.
-"""
+"""Record kinds, FDC group labels and the label convention shared by every stage."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Union
 
 # A message list in the usual chat format: [{"role": "user", "content": "..."}, ...]
 Messages = list[dict[str, str]]
@@ -16,7 +11,7 @@ PromptLike = Union[str, Messages]
 
 
 class Group(str, Enum):
-    """FDC groups (METHOD.md section 2). `general` covers helpfulness data and benign look-alikes."""
+    """FDC groups (docs/METHOD.md section 2). `general` covers helpfulness data and benign look-alikes."""
 
     EHD = "EHD"  # explicit harmful data: risky terms, not necessarily malicious intent
     IHD = "IHD"  # implicit harmful data: harmful intent without explicit terms
@@ -35,45 +30,27 @@ class Group(str, Enum):
 SAFETY_GROUPS: tuple[Group, ...] = (Group.EHD, Group.IHD, Group.MHD)
 GROUP_NAMES: tuple[str, ...] = tuple(g.value for g in Group)
 
+# Labels of the FDC BeaverTails release (the paper authors' relabelling) that mean "no FDC group".
+BEAVERTAILS_GROUP_LABELS: dict[str, str] = {"no risk": "general", "other": "general"}
 
-@dataclass
-class PromptRecord:
-    """A prompt for rollouts, evaluation or categorization."""
-
-    id: str
-    prompt: PromptLike
-    group: str = Group.GENERAL.value
-    source: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
+# Label of a token no loss or log-prob reads (prompt, padding): PyTorch's cross-entropy default.
+IGNORE_INDEX = -100
 
 
-@dataclass
-class PreferenceRecord:
-    """A preference pair. `chosen`/`rejected` are the final assistant turns only."""
-
-    prompt: PromptLike
-    chosen: str
-    rejected: str
-    group: str = Group.GENERAL.value
-    id: str = ""
-    source: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SFTRecord:
-    """A supervised example: the loss covers `response` only."""
-
-    prompt: PromptLike
-    response: str
-    group: str = Group.GENERAL.value
-    id: str = ""
-    source: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-RECORD_KINDS: dict[str, type] = {"prompt": PromptRecord, "preference": PreferenceRecord, "sft": SFTRecord}
-# Fields each kind must have (after column mapping); the rest have defaults.
+# A record is a plain dict (datasets and DataLoaders move dicts around cheaply) with exactly the
+# fields of its kind; ``loaders.load_records`` builds and checks them row by row and keeps every
+# other column of a source in ``meta``. ``prompt`` is a string or a chat message list; ``chosen`` /
+# ``rejected`` / ``response`` are the final assistant turn only; ``group`` is a name from
+# GROUP_NAMES (or None before categorization).
+# Optional per-token values of a preference pair's responses (ADPO's ``ama.token_signal: field``);
+# a preference record may carry them besides RECORD_FIELDS.
+SIGNAL_FIELDS: tuple[str, ...] = ("chosen_token_signal", "rejected_token_signal")
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt": ("id", "prompt", "group", "source", "meta"),
+    "preference": ("id", "prompt", "chosen", "rejected", "group", "source", "meta"),
+    "sft": ("id", "prompt", "response", "group", "source", "meta"),
+}
+# Fields a source must provide for each kind (after column mapping); the rest have defaults.
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt",),
     "preference": ("prompt", "chosen", "rejected"),

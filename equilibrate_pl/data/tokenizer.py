@@ -4,8 +4,8 @@ The tiny tokenizer is a byte-level BPE (vocab ~2000) trained with the `tokenizer
 built-in safety world plus a few hundred generic English sentences written here, so real prompts
 (XSTest, BeaverTails, hh-rlhf) still split into sensible pieces; being byte-level it never
 produces an unknown token. It uses ChatML special tokens, a chat template, and - unlike many
-checkpoints - a pad token distinct from eos (PITFALLS.md #2: with pad == eos, masking padding
-also masks the real eos and the model never learns to stop).
+checkpoints - a pad token distinct from eos (with pad == eos, masking padding also masks the real
+eos and the model never learns to stop; docs/DATA.md: EOS is not padding).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase) -> bool:
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     log.warning(
         "tokenizer %s %s; added a distinct pad token %r (id %d). The model's embeddings must be "
-        "resized to len(tokenizer)=%d (PITFALLS.md #2: EOS is not padding).",
+        "resized to len(tokenizer)=%d (docs/DATA.md: EOS is not padding).",
         getattr(tokenizer, "name_or_path", "?") or "?", reason, PAD_TOKEN, tokenizer.pad_token_id, len(tokenizer),
     )
     return True

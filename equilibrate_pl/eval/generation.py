@@ -52,7 +52,7 @@ def generate(
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
-    pad_id, _ = pad_and_eos_ids(tokenizer)  # raises if pad is missing or equals eos (PITFALLS #2)
+    pad_id, _ = pad_and_eos_ids(tokenizer)  # raises if pad is missing or equals eos (docs/DATA.md: EOS is not padding)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "the tokenizer has no chat template; evaluation renders prompts as chat turns. "

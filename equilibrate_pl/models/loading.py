@@ -179,7 +179,7 @@ def load_pretrained(
     """`auto_cls.from_pretrained` with the project's safe defaults (safetensors, no remote code).
 
     A local peft adapter directory is loaded onto its base and MERGED, so that the result is a plain
-    model: a new adapter on top of it then disables back to this model (PITFALLS #6: an SFT adapter
+    model: a new adapter on top of it then disables back to this model (docs/MODELS.md: the LoRA reference: an SFT adapter
     left unmerged would be disabled together with the new one, giving the wrong reference).
     `tokenizer` (the one the adapter was trained with) sizes the base's embeddings first, in case
     a pad token was added then.
@@ -344,7 +344,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold LoRA weights into the base and drop the peft wrapper (no-op for a plain model).
 
     Do this to an SFT LoRA model before adding the RL/DPO adapter, so `disable_adapter` gives the SFT
-    model and not the pre-SFT base (PITFALLS #6).
+    model and not the pre-SFT base (docs/MODELS.md: the LoRA reference).
     """
     from peft import PeftModel
 
@@ -359,7 +359,7 @@ def check_adapter_reference(model: nn.Module) -> None:
     Checks, inside `model.disable_adapter()`, that every peft layer reports itself disabled, including
     `modules_to_save` copies: peft <= 0.4 kept running the trained copy of a `modules_to_save` layer
     with the adapter disabled (huggingface/peft#493, fixed by #736), so the "reference" silently
-    carried the trained head or embedding (PITFALLS #6). Also refuses a model with several adapters,
+    carried the trained head or embedding (docs/MODELS.md: the LoRA reference). Also refuses a model with several adapters,
     whose base would include none of them.
     """
     from peft import PeftModel

@@ -164,7 +164,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
     With left padding the default positions (0..L-1) shift every real token by the pad count. RoPE
     models only see relative positions, so for them this is a float-rounding difference, but models
-    with absolute position embeddings (GPT-2, OPT) would score a padded row differently (PITFALLS #1).
+    with absolute position embeddings (GPT-2, OPT) would score a padded row differently (docs/PPO.md: ratio 1 at the first step).
     Counting only real tokens makes a padded row score like the same row unpadded for both kinds.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -204,6 +204,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """`(B,)` sequence score = the position score at the last real token (PITFALLS #3)."""
+    """`(B,)` sequence score = the position score at the last real token, never a pad (docs/PPO.md)."""
     index = last_token_index(attention_mask)
     return scores.gather(-1, index.unsqueeze(-1)).squeeze(-1)

@@ -9,7 +9,7 @@ the original bf16 model (4-bit blocks with scale and min), close to but not bit-
 
 The GGUF tokenizer has pad == eos == `<|im_end|>`; we set pad to `<|endoftext|>` (id 0), an existing
 token the instruct model does not produce inside a chat turn, so no embedding row has to be added
-and masking pads never masks the real end of turn (PITFALLS #2).
+and masking pads never masks the real end of turn (docs/DATA.md: EOS is not padding).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def tiny_llama_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
     """A ~100k-parameter Llama config (hidden 64, 2 layers, GQA 4/2 heads, tied embeddings).
 
     Dropout stays at zero: with dropout on, the log-probs of a rollout and of the first PPO
-    update differ and the PPO ratio is not 1 at step one (PITFALLS #1).
+    update differ and the PPO ratio is not 1 at step one (docs/PPO.md).
     """
     settings: dict[str, Any] = dict(
         vocab_size=vocab_size,
@@ -72,7 +72,7 @@ def build_tiny_model(tokenizer: Any, seed: int = 0, **config_overrides: Any) -> 
     The global RNG is forked, so building a model does not shift the caller's random stream.
     """
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # PITFALLS #2: with pad == eos, masking pads also masks the real eos.
+        # With pad == eos, masking pads also masks the real eos (docs/DATA.md: EOS is not padding).
         raise ValueError(
             f"tiny model needs a tokenizer with distinct pad and eos tokens, got pad={tokenizer.pad_token!r} "
             f"eos={tokenizer.eos_token!r}"

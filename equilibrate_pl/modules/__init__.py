@@ -9,6 +9,7 @@ Shared pieces (settings, non-finite guard, atomic checkpoints, RNG resume) are i
 :mod:`equilibrate_pl.modules.common`.
 """
 
+from equilibrate_pl.algorithms.ama import ADPOSettings, AMASettings, APPOSettings
 from equilibrate_pl.modules.common import (
     AtomicCheckpointIO,
     ModelSettings,
@@ -17,12 +18,14 @@ from equilibrate_pl.modules.common import (
     RNGStateCallback,
     check_tokenizers_match,
 )
-from equilibrate_pl.modules.preference import AMASettings, PreferenceModule
+from equilibrate_pl.modules.preference import PreferenceModule
 from equilibrate_pl.modules.reward import RewardModule
 from equilibrate_pl.modules.sft import SFTModule
 
 __all__ = [
+    "ADPOSettings",
     "AMASettings",
+    "APPOSettings",
     "AtomicCheckpointIO",
     "ModelSettings",
     "NonFiniteGuard",

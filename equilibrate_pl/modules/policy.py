@@ -7,7 +7,7 @@ One ``training_step`` = one PPO iteration on a batch of prompts:
 2. **scoring** — actor and reference log-probs, critic values, reward-model scores at the last real
    token and per-prefix (dense) scores, all in one forward pass per model;
 3. **advantages** — per-token rewards (score on the last token minus ``kl_coef * KL``), GAE or a
-   group estimator, optional whitening, and the APPO mask (METHOD.md section 3);
+   group estimator, optional whitening, and the APPO mask (docs/METHOD.md section 3);
 4. **update** — ``ppo_epochs`` passes over minibatches: clipped policy loss on the (APPO-)masked
    tokens, entropy bonus, clipped value loss on every response token, gradient clipping, separate
    actor and critic optimizers.
@@ -24,25 +24,22 @@ FSDP2/DDP run on N processes computes the same update as one process holding the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Mapping, NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from equilibrate_pl.algorithms.ama import appo_mask
+from equilibrate_pl.algorithms.ama import APPOSettings, appo_mask
 from equilibrate_pl.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
-from equilibrate_pl.algorithms.logprobs import token_logprobs
 from equilibrate_pl.algorithms.ppo import (
-    entropy_from_logits,
-    explained_variance,
     gae,
     group_advantages,
     masked_mean,
@@ -52,28 +49,41 @@ from equilibrate_pl.algorithms.ppo import (
 )
 from equilibrate_pl.algorithms.rewards import dense_rewards
 from equilibrate_pl.data.schema import GROUP_NAMES
-from equilibrate_pl.distributed import destroy_process_group_at_exit, is_multi_process
+from equilibrate_pl.distributed import (
+    all_gather_objects,
+    all_ranks_agree,
+    all_sum,
+    destroy_process_group_at_exit,
+    global_explained_variance,
+    global_masked_stats,
+    is_multi_process,
+    rank,
+    world_size,
+)
+from equilibrate_pl.models.forward import rollout_scores, rollout_token_logprobs
+from equilibrate_pl.models.loading import adapter_disabled, check_adapter_reference
+from equilibrate_pl.models.scalar_head import init_scalar_head
 from equilibrate_pl.modules.common import (
     ModelSettings,
     NonFiniteGuard,
     OptimSettings,
+    build_causal_lm,
+    build_scalar_model,
     check_tokenizers_match,
     coerce_settings,
     configure_adamw,
+    export_hf,
     save_plain_hyperparameters,
     step_is_logged,
 )
 from equilibrate_pl.modules.rollout import (
     Rollout,
     RolloutRNG,
-    can_share_prompt_cache,
     disable_dropout,
     gathered_for_generation,
     is_sharded,
-    position_ids_from_mask,
     response_mask,
     shard_module,
-    shared_prompt_forward,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +104,7 @@ class GenerationSettings:
         temperature, top_k, top_p: sampling filters (``top_k=0`` / ``top_p=1`` disable them). PPO's
             old log-probs are those of the unfiltered policy, so filtering makes rollouts slightly
             off-policy; keep the defaults unless you know you want that.
-        missing_eos_penalty: subtracted from the score of a truncated response (PITFALLS #4;
+        missing_eos_penalty: subtracted from the score of a truncated response (docs/PPO.md: responses without EOS;
             torchtune uses 3.0). 0 scores truncated responses like any other.
     """
 
@@ -133,11 +143,6 @@ class PPOSettings:
             a no-grad forward now and the same forward again in the update. The step is the same
             (dropout is off; the ratio is exactly 1 instead of 1 +- 1e-7), one actor forward
             cheaper; the price is holding the actor's activations while the reward model scores.
-        share_prompt_cache: with ``samples_per_prompt`` k > 1, the scoring forwards (actor,
-            reference, reward model, critic) run each prompt once and its k responses on its KV
-            cache (``rollout.shared_prompt_forward``): the same log-probs, values and scores, the
-            prompt's cost divided by k. Needs a model whose forward takes a cache and gradient
-            checkpointing off (otherwise, or with ``False``, every row runs whole).
     """
 
     ppo_epochs: int = 2
@@ -152,7 +157,6 @@ class PPOSettings:
     max_grad_norm: Optional[float] = 1.0
     reward_clip: Optional[float] = None
     reuse_rollout_forward: bool = True
-    share_prompt_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatch_size < 1:
@@ -177,51 +181,23 @@ class KLSettings:
     horizon: int = 10000
 
 
-@dataclass
-class AMASettings:
-    """APPO's adaptive message-wise mask (METHOD.md section 3). ``enabled=False`` is plain PPO.
-
-    Args:
-        token_signal: ``value`` (the critic's V_t, as the authors' code) or ``dense_reward``
-            (differences of the reward model's prefix scores). Critic-free advantages need
-            ``dense_reward``.
-        baseline: ``zero`` or ``batch_mean`` (mean signal over all real response tokens of the
-            global batch).
-    """
-
-    enabled: bool = False
-    token_signal: Literal["value", "dense_reward"] = "value"
-    baseline: Literal["zero", "batch_mean"] = "zero"
-
-
 AdvantageEstimator = Literal["gae", "grpo", "rloo"]
 
 
-# --------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops on one process)
-# --------------------------------------------------------------------------------------------
+class TokenRewards(NamedTuple):
+    """What :meth:`PolicyModule.compute_rewards` returns; ``training_step`` stores each on the rollout."""
+
+    rewards: torch.Tensor  # (B, R) per-token rewards (zero off the response)
+    kl: torch.Tensor  # (B, R) the per-token KL estimate they contain (zero off the response)
+    scores: torch.Tensor  # (B,) the sequence scores they contain (compute_scores)
 
 
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().clone().float()
-    if is_multi_process():
-        dist.all_reduce(t)
-    return t
+class MinibatchLoss(NamedTuple):
+    """What :meth:`PolicyModule.minibatch_loss` returns."""
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if is_multi_process() else 1
-
-
-def _global_masked_stats(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, unbiased var) of ``values`` over ``mask`` on every rank together."""
-    m = mask.bool()
-    v = torch.where(m, values.float(), torch.zeros_like(values, dtype=torch.float32))
-    s = _all_sum(torch.stack([v.sum(), (v * v).sum(), m.sum().float()]))
-    n = s[2].clamp(min=1)
-    mean = s[0] / n
-    var = (s[1] / n - mean**2).clamp(min=0) * n / (n - 1).clamp(min=1)
-    return mean, var
+    actor: torch.Tensor  # what the actor's optimizer steps on (with the value loss when the critic shares the actor)
+    critic: torch.Tensor  # the value loss (the separate critic's optimizer steps on it; zero without a critic)
+    stats: dict[str, torch.Tensor]  # per-minibatch diagnostics, averaged over minibatches and ranks for logging
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +217,7 @@ class PolicyModule(LightningModule):
         critic_mode: ``separate`` model, or ``shared``: a value head on the actor's last hidden
             state (one backbone, one optimizer with the critic's learning rate on the head).
         reference: ``copy`` (a frozen copy of the initial actor), ``adapter_disabled`` (the actor with its
-            LoRA adapter disabled: no second copy in memory; checked per PITFALLS #6) or ``auto``
+            LoRA adapter disabled: no second copy in memory; checked per docs/MODELS.md: the LoRA reference) or ``auto``
             (``adapter_disabled`` when the actor has LoRA, else ``copy``).
         advantage: ``gae`` (needs a critic) or critic-free ``grpo`` / ``rloo`` with
             ``samples_per_prompt >= 2`` responses per prompt.
@@ -249,6 +225,11 @@ class PolicyModule(LightningModule):
         max_nonfinite_steps: consecutive non-finite batches (scores or losses) before stopping.
         log_refusals: decode responses and log the per-group refusal rate (``eval.refusal``).
         seed: seed of the rollout sampling stream (rank r uses ``seed + r``).
+        share_prompt: with ``samples_per_prompt`` k > 1, the scoring forwards (actor, reference,
+            reward model, critic) run each prompt once and its k responses on its repeated KV cache
+            (``models.forward.shared_prompt_forward``): the same log-probs, values and scores, the
+            prompt's cost divided by k. Needs a model whose forward takes a cache and gradient
+            checkpointing off (otherwise, or with ``False``, every row runs whole).
 
     Pre-built models (tests, notebooks) go through :meth:`from_models`.
     """
@@ -263,7 +244,7 @@ class PolicyModule(LightningModule):
         generation: Optional[GenerationSettings] = None,
         ppo: Optional[PPOSettings] = None,
         kl: Optional[KLSettings] = None,
-        ama: Optional[AMASettings] = None,
+        ama: Optional[APPOSettings] = None,
         advantage: AdvantageEstimator = "gae",
         samples_per_prompt: int = 1,
         actor_optim: Optional[OptimSettings] = None,
@@ -271,16 +252,22 @@ class PolicyModule(LightningModule):
         max_nonfinite_steps: int = 3,
         log_refusals: bool = True,
         seed: int = 0,
+        share_prompt: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        if isinstance(ppo, Mapping) and "share_prompt_cache" in ppo:  # the name before share_prompt
+            warnings.warn("ppo.share_prompt_cache is now share_prompt, an argument of PolicyModule as of the DPO and "
+                          "reward stages; the old name will be refused in a later release", FutureWarning, stacklevel=2)
+            ppo = dict(ppo)
+            share_prompt = bool(ppo.pop("share_prompt_cache"))
         self.actor_settings = dataclasses.replace(coerce_settings(ModelSettings, actor) or ModelSettings())
         self.reward_settings = coerce_settings(ModelSettings, reward_model)
         self.critic_settings = coerce_settings(ModelSettings, critic)
         self.generation = coerce_settings(GenerationSettings, generation) or GenerationSettings()
         self.ppo = coerce_settings(PPOSettings, ppo) or PPOSettings()
         self.kl = coerce_settings(KLSettings, kl) or KLSettings()
-        self.ama = coerce_settings(AMASettings, ama) or AMASettings()
+        self.ama = coerce_settings(APPOSettings, ama) or APPOSettings()
         self.actor_optim = coerce_settings(OptimSettings, actor_optim) or OptimSettings(lr=1e-5, scheduler="constant")
         self.critic_optim = coerce_settings(OptimSettings, critic_optim) or OptimSettings(lr=1e-5, scheduler="constant")
         if advantage not in ("gae", "grpo", "rloo"):
@@ -301,11 +288,13 @@ class PolicyModule(LightningModule):
         self.samples_per_prompt = samples_per_prompt
         self.log_refusals = log_refusals
         self.seed = seed
+        self.share_prompt = share_prompt
         save_plain_hyperparameters(
             self, actor=self.actor_settings, reward_model=self.reward_settings, critic=self.critic_settings,
             critic_mode=critic_mode, reference=reference, generation=self.generation, ppo=self.ppo, kl=self.kl,
             ama=self.ama, advantage=advantage, samples_per_prompt=samples_per_prompt, actor_optim=self.actor_optim,
             critic_optim=self.critic_optim, max_nonfinite_steps=max_nonfinite_steps, log_refusals=log_refusals, seed=seed,
+            share_prompt=share_prompt,
         )
 
         self.actor: nn.Module | None = None
@@ -352,8 +341,6 @@ class PolicyModule(LightningModule):
 
     def build_models(self) -> None:
         """Load whatever :meth:`from_models` did not provide, from the settings."""
-        from equilibrate_pl.modules.common import build_causal_lm, build_scalar_model
-
         if self.actor is None:
             self.actor, self.tokenizer = build_causal_lm(self.actor_settings)
         if self.reward_model is None:
@@ -379,15 +366,13 @@ class PolicyModule(LightningModule):
         if self.tokenizer is None:
             raise ValueError("PolicyModule has no tokenizer (pass one to from_models)")
         if self.tokenizer.pad_token_id is None or self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
-            raise ValueError("the tokenizer needs a pad token distinct from eos (PITFALLS #2)")
+            raise ValueError("the tokenizer needs a pad token distinct from eos (docs/DATA.md: EOS is not padding)")
         # Train mode (gradient checkpointing needs it) with every dropout probability at zero.
         disable_dropout(self.actor).train()
         self._freeze(self.reward_model)
         if self.critic is not None:
             disable_dropout(self.critic).train()
         if self.uses_critic and self.critic_mode == "shared" and self.value_head is None:
-            from equilibrate_pl.models.scalar_head import init_scalar_head
-
             hidden = self.actor.config.hidden_size
             self.value_head = nn.Linear(hidden, 1).to(next(self.actor.parameters()).dtype)
             init_scalar_head(self.value_head, seed=self.seed)
@@ -396,8 +381,6 @@ class PolicyModule(LightningModule):
             if mode == "auto":
                 mode = "adapter_disabled" if _is_peft(self.actor) else "copy"
             if mode == "adapter_disabled":
-                from equilibrate_pl.models.loading import check_adapter_reference
-
                 check_adapter_reference(self.actor)
             else:
                 self.reference = self._freeze(copy.deepcopy(self.actor))
@@ -464,61 +447,38 @@ class PolicyModule(LightningModule):
 
     def _reference_context(self) -> Any:
         if self.reference is not None:
-            return _null_context(self.reference)
-        return _adapter_disabled(self.actor)
+            return contextlib.nullcontext(self.reference)
+        return adapter_disabled(self.actor)
 
     def actor_forward(
         self, model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
         with_values: bool = False, with_entropy: bool = False, group: int = 1,
     ) -> dict[str, torch.Tensor]:
-        """Log-probs of the response tokens (B, R), optionally entropy and shared-head values.
-
-        ``group`` > 1: rows come in blocks of ``group`` with the same prompt, which is run once
-        (:func:`~equilibrate_pl.modules.rollout.shared_prompt_forward`) when the model allows.
-        """
-        width = sequences.shape[1] - prompt_length
-        if group > 1 and can_share_prompt_cache(model):
-            logits, hidden = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
-                                                   prompt_positions=1, output_hidden_states=with_values)
-        else:
-            out = model(
-                input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False, logits_to_keep=width + 1, output_hidden_states=with_values,
-            )
-            # logits[:, j] predicts sequences[:, P - 1 + j + 1]: the last width+1 positions cover the response.
-            logits = out.logits[:, -(width + 1):]
-            hidden = out.hidden_states[-1][:, prompt_length - 1:] if with_values else None
-        resp_mask = attention_mask[:, prompt_length - 1:].bool().clone()
-        resp_mask[:, 0] = False
-        if self.generation.do_sample and self.generation.temperature != 1.0:
-            # Rollouts were sampled from softmax(logits / T): old and new log-probs are of that policy.
-            logits = logits / self.generation.temperature
-        result = {"logprobs": token_logprobs(logits, sequences[:, prompt_length - 1:], resp_mask)}
-        if with_entropy:
-            result["entropy"] = entropy_from_logits(logits[:, :-1])
+        """Log-probs of the response tokens (B, R) under the sampling temperature
+        (:func:`~equilibrate_pl.models.forward.rollout_token_logprobs`), optionally entropy and the
+        shared value head's values. ``group`` as there."""
+        # Rollouts were sampled from softmax(logits / T): old and new log-probs are of that policy.
+        temperature = self.generation.temperature if self.generation.do_sample else 1.0
+        out = rollout_token_logprobs(model, sequences, attention_mask, prompt_length, group=group, temperature=temperature,
+                                     with_entropy=with_entropy, with_hidden=with_values)
+        hidden = out.pop("hidden", None)
         if hidden is not None:
-            result["values"] = self.value_head(hidden[:, :-1]).squeeze(-1).float()
-        return result
+            out["values"] = self.value_head(hidden).squeeze(-1).float()
+        return out
 
     @staticmethod
     def scalar_forward(
         model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int = 0, group: int = 1,
     ) -> torch.Tensor:
-        """(B, L) per-position scores of a scalar-head model (critic or reward); ``group`` and
-        ``prompt_length`` as in :meth:`actor_forward`."""
-        from equilibrate_pl.models.scalar_head import position_scores
-
-        if group > 1 and prompt_length > 0 and can_share_prompt_cache(model):
-            logits, _ = shared_prompt_forward(model, sequences, attention_mask, prompt_length, group,
-                                              prompt_positions=prompt_length)
-            return logits.squeeze(-1).float().masked_fill(attention_mask == 0, 0.0)
-        return position_scores(model, sequences, attention_mask, position_ids_from_mask(attention_mask))
+        """(B, L) per-position scores of a scalar-head model (critic or reward;
+        :func:`~equilibrate_pl.models.forward.rollout_scores`)."""
+        return rollout_scores(model, sequences, attention_mask, prompt_length, group)
 
     def prompt_group(self, rollout: Rollout, index: torch.Tensor) -> int:
         """``samples_per_prompt`` when rows ``index`` are whole blocks of the same prompt (so the
-        scoring forwards can run each prompt once; ``PPOSettings.share_prompt_cache``), else 1."""
+        scoring forwards can run each prompt once; ``share_prompt``), else 1."""
         k = self.samples_per_prompt
-        if not self.ppo.share_prompt_cache or k < 2:
+        if not self.share_prompt or k < 2:
             return 1
         ok = index.shape[0] % k == 0
         if ok:
@@ -528,11 +488,9 @@ class PolicyModule(LightningModule):
             p = rollout.prompt_length
             prompts = torch.stack([rollout.sequences[index, :p], rollout.attention_mask[index, :p]]).view(2, -1, k, p)
             ok = bool((prompts == prompts[:, :, :1]).all())
-        if is_multi_process():
-            # The shared path runs two forwards per model: under FSDP (an all-gather in each) every
-            # rank must take the same path.
-            ok = int(_all_sum(torch.tensor(float(ok), device=self.device)).item()) == _world_size()
-        return k if ok else 1
+        # The shared path runs two forwards per model: under FSDP (an all-gather in each) every
+        # rank must take the same path.
+        return k if all_ranks_agree(ok, self.device) else 1
 
     # ----------------------------------------------------------------------------- rollout phases
 
@@ -632,15 +590,16 @@ class PolicyModule(LightningModule):
             scores = scores.clamp(-self.ppo.reward_clip, self.ppo.reward_clip)
         return scores
 
-    def compute_rewards(self, batch: dict[str, Any], rollout: Rollout) -> torch.Tensor:
-        """(B, R) per-token rewards: ``-kl_coef * KL_t`` on every response token plus the
-        sequence score on the last one (PITFALLS #3: the EOS / last real token, not a pad)."""
-        rollout.kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.kl.estimator) * rollout.response_mask
-        rewards = -self.kl_controller.value * rollout.kl
-        last = (rollout.response_lengths - 1).clamp(min=0)
+    def compute_rewards(self, batch: dict[str, Any], rollout: Rollout) -> TokenRewards:
+        """Per-token rewards: ``-kl_coef * KL_t`` on every response token plus the sequence score
+        (:meth:`compute_scores`) on the last one (the EOS or the cut, never a pad after it), returned
+        with the KL and the scores they contain (logged, and the KL feeds the adaptive controller)."""
+        mask = rollout.response_mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.kl.estimator) * mask
         scores = self.compute_scores(batch, rollout)
-        rollout.extras["shaped_scores"] = scores
-        return rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(rewards.dtype)) * rollout.response_mask
+        last = (rollout.response_lengths - 1).clamp(min=0)
+        rewards = (-self.kl_controller.value * kl).scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(kl.dtype)) * mask
+        return TokenRewards(rewards, kl, scores)
 
     def compute_advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(advantages, returns), each (B, R). GAE with the critic, or a group estimator on the
@@ -654,7 +613,7 @@ class PolicyModule(LightningModule):
             advantages = seq_adv.unsqueeze(1) * mask
             returns = torch.zeros_like(advantages)
         if self.ppo.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, stats=_global_masked_stats(advantages, mask))
+            advantages = masked_whiten(advantages, mask, stats=global_masked_stats(advantages, mask))
         return advantages, returns
 
     def token_signal(self, rollout: Rollout) -> torch.Tensor:
@@ -670,7 +629,7 @@ class PolicyModule(LightningModule):
             return mask
         signal = self.token_signal(rollout)
         if self.ama.baseline == "batch_mean":
-            baseline: Any = float(_global_masked_stats(signal, mask)[0])
+            baseline: Any = float(global_masked_stats(signal, mask)[0])
         else:
             baseline = "zero"
         keep, fallback = appo_mask(rollout.advantages, signal, mask, baseline=baseline, return_fallbacks=True)
@@ -681,123 +640,115 @@ class PolicyModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         timings: dict[str, float] = {}
-        start = time.perf_counter()
-        rollout = self.generate(batch)
-        timings["generation"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        self.score(rollout)
-        rollout.rewards = self.compute_rewards(batch, rollout)
-        timings["scoring"] = time.perf_counter() - start
-
+        with _timed(timings, "generation"):
+            rollout = self.generate(batch)
+        with _timed(timings, "scoring"):
+            self.score(rollout)
+            rollout.rewards, rollout.kl, rollout.shaped_scores = self.compute_rewards(batch, rollout)
         finite = torch.isfinite(rollout.rewards).all() & torch.isfinite(rollout.logprobs).all()
         if rollout.values is not None:
             finite &= torch.isfinite(rollout.values).all()
         if not self._check_finite(finite, "rewards"):
             return None  # a skipped iteration advances neither global_step nor the LR schedule
-
         rollout.advantages, rollout.returns = self.compute_advantages(rollout)
         rollout.policy_mask = self.policy_mask(rollout)
-
-        start = time.perf_counter()
-        stats = self.update(rollout)
-        timings["update"] = time.perf_counter() - start
+        with _timed(timings, "update"):
+            stats = self.update(rollout)
         if stats is None:
             return None
         self._step_schedulers()
-        self.kl_controller.update(float(stats["kl/sequence"]), n_steps=int(_all_sum(torch.tensor(float(len(rollout.groups)), device=self.device))))
+        kl_sum, rows = all_sum(torch.stack([(rollout.kl * rollout.response_mask).sum(), torch.tensor(float(len(rollout.groups)), device=self.device)]))
+        self.kl_controller.update(float(kl_sum / rows), n_steps=int(rows))
         self._log_step(batch, rollout, stats, timings)
         return None
 
+    def minibatch_loss(self, mb: dict[str, torch.Tensor], prompt_length: int, forward: dict[str, torch.Tensor] | None = None) -> MinibatchLoss:
+        """Clipped policy loss on the (APPO-)masked tokens minus the entropy bonus, and the clipped
+        value loss on every response token, of one minibatch (:meth:`Rollout.select`).
+
+        ``forward`` is the actor's forward over these rows when :meth:`score` already ran it with
+        gradients (``PPOSettings.reuse_rollout_forward``); otherwise it runs here. Losses are divided
+        by the minibatch's token counts over ALL ranks (times the world size): with gradients averaged
+        over ranks, N processes then take exactly the step of one process holding every row.
+        """
+        p, shared = prompt_length, self.value_head is not None and self.uses_critic
+        world = world_size()
+        counts = all_sum(torch.stack([mb["policy_mask"].sum(), mb["response_mask"].sum()]).float().to(self.device))
+        policy_norm, token_norm = counts[0].clamp(min=1) / world, counts[1].clamp(min=1) / world
+        if forward is None:
+            forward = self.actor_forward(self.actor, mb["sequences"], mb["attention_mask"], p, with_values=shared, with_entropy=True)
+        pg_loss, pg_stats = policy_loss(forward["logprobs"], mb["logprobs"], mb["advantages"], mb["policy_mask"], self.ppo.clip, normalizer=policy_norm)
+        entropy = masked_mean(forward["entropy"], mb["response_mask"], normalizer=token_norm)
+        actor_loss = pg_loss - self.ppo.entropy_coef * entropy
+        vf_loss, vf_stats = torch.zeros((), device=self.device), {}
+        if self.uses_critic:
+            values = forward["values"] if shared else self.scalar_forward(self.critic, mb["sequences"], mb["attention_mask"])[:, p - 1:-1]
+            vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["response_mask"], self.ppo.value_clip, normalizer=token_norm)
+        stats = {
+            "loss/policy": pg_loss.detach(),
+            "loss/value": vf_loss.detach(),
+            "ppo/entropy": entropy.detach(),
+            "ppo/clip_fraction": pg_stats["clip_fraction"],
+            "ppo/approx_kl": pg_stats["approx_kl"],
+            "ppo/ratio_mean": pg_stats["ratio_mean"],
+            # Before any step this is 0 up to rounding: rollout and update log-probs agree.
+            "ppo/ratio_max_deviation": ((forward["logprobs"].detach() - mb["logprobs"]).abs() * mb["response_mask"]).max(),
+        }
+        if vf_stats:
+            stats["ppo/value_clip_fraction"] = vf_stats["value_clip_fraction"]
+        return MinibatchLoss(actor_loss + self.ppo.value_coef * vf_loss if shared else actor_loss, vf_loss, stats)
+
     def update(self, rollout: Rollout) -> dict[str, torch.Tensor] | None:
-        """``ppo_epochs`` passes of clipped PPO over shuffled minibatches. Returns statistics, or
+        """``ppo_epochs`` passes of :meth:`minibatch_loss` over shuffled minibatches, an actor (and
+        critic) optimizer step each. Returns the statistics averaged over minibatches and ranks, or
         ``None`` if a non-finite loss made this batch be skipped."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        actor_opt = optimizers[0]
-        critic_opt = optimizers[1] if len(optimizers) > 1 else None
-        shared = self.value_head is not None and self.uses_critic
-        world = _world_size()
+        actor_opt, critic_opt = optimizers[0], optimizers[1] if len(optimizers) > 1 else None
         n = rollout.sequences.shape[0]
-        p = rollout.prompt_length
+        minibatches = [idx for epoch in range(self.ppo.ppo_epochs) for idx in _chunks(n, self.ppo.minibatch_size, self._shuffled(n, epoch))]
         sums: dict[str, float] = {}
-        count = 0
-        n_minibatches = len(_chunks(n, self.ppo.minibatch_size))
-        for epoch in range(self.ppo.ppo_epochs):
-            # Same permutation on every rank (seeded by step and epoch): shards stay aligned.
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + epoch)
-            order = torch.randperm(n, generator=gen)
-            for mb_index, idx in enumerate(_chunks(n, self.ppo.minibatch_size, order)):
-                last_step = epoch == self.ppo.ppo_epochs - 1 and mb_index == n_minibatches - 1
-                mb = rollout.select(idx)
-                # Normalise by the GLOBAL token counts of this minibatch: with gradients averaged
-                # over ranks, N processes then take exactly the step of one holding all rows.
-                counts = _all_sum(torch.stack([mb["policy_mask"].sum(), mb["response_mask"].sum()]).float().to(self.device))
-                policy_norm = counts[0].clamp(min=1) / world
-                token_norm = counts[1].clamp(min=1) / world
-                if rollout.update_forward is not None:
-                    out = {key: value[idx] for key, value in rollout.update_forward.items()}
-                    rollout.update_forward = None  # one minibatch, one epoch: used exactly once
-                else:
-                    out = self.actor_forward(
-                        self.actor, mb["sequences"], mb["attention_mask"], p,
-                        with_values=shared, with_entropy=True,
-                    )
-                pg_loss, pg_stats = policy_loss(out["logprobs"], mb["logprobs"], mb["advantages"], mb["policy_mask"], self.ppo.clip, normalizer=policy_norm)
-                entropy = masked_mean(out["entropy"], mb["response_mask"], normalizer=token_norm)
-                actor_loss = pg_loss - self.ppo.entropy_coef * entropy
-                vf_loss = torch.zeros((), device=self.device)
-                if self.uses_critic:
-                    values = out["values"] if shared else self.scalar_forward(self.critic, mb["sequences"], mb["attention_mask"])[:, p - 1:-1]
-                    vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["response_mask"], self.ppo.value_clip, normalizer=token_norm)
-                else:
-                    vf_stats = {}
-                total = actor_loss + self.ppo.value_coef * vf_loss if shared else actor_loss
-                if not self._check_finite(torch.isfinite(actor_loss.detach()) & torch.isfinite(vf_loss.detach()), "loss"):
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    return None
-                actor_opt.zero_grad(set_to_none=True)
-                self.manual_backward(total)
-                grad_norm = self._clip(actor_opt)
-                # Lightning counts every optimizer step of manual optimization as a global step;
-                # count one per PPO iteration so `max_steps` and checkpoint intervals mean rollouts.
-                _optimizer_step(actor_opt, count=last_step)
-                if critic_opt is not None:
-                    critic_opt.zero_grad(set_to_none=True)
-                    self.manual_backward(vf_loss)
-                    critic_grad_norm = self._clip(critic_opt)
-                    _optimizer_step(critic_opt, count=False)
-                    sums["grad_norm/critic"] = sums.get("grad_norm/critic", 0.0) + critic_grad_norm
-                # Per-minibatch statistics, averaged over minibatches and ranks for logging.
-                step_stats = {
-                    "loss/policy": pg_loss.detach(),
-                    "loss/value": vf_loss.detach(),
-                    "ppo/entropy": entropy.detach(),
-                    "ppo/clip_fraction": pg_stats["clip_fraction"],
-                    "ppo/approx_kl": pg_stats["approx_kl"],
-                    "ppo/ratio_mean": pg_stats["ratio_mean"],
-                    **({"ppo/value_clip_fraction": vf_stats["value_clip_fraction"]} if vf_stats else {}),
-                }
-                if epoch == 0 and count == 0:
-                    sums["ppo/first_ratio_max_deviation"] = float(
-                        ((out["logprobs"].detach() - mb["logprobs"]).abs() * mb["response_mask"]).max()
-                    )
-                for key, value in step_stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                sums["grad_norm/actor"] = sums.get("grad_norm/actor", 0.0) + grad_norm
-                count += 1
-        first_deviation = sums.pop("ppo/first_ratio_max_deviation")
+        first_deviation = 0.0
+        for i, idx in enumerate(minibatches):
+            forward = None
+            if rollout.update_forward is not None:  # one minibatch, one epoch: used exactly once
+                forward = {key: value[idx] for key, value in rollout.update_forward.items()}
+                rollout.update_forward = None
+            loss = self.minibatch_loss(rollout.select(idx), rollout.prompt_length, forward)
+            if not self._check_finite(torch.isfinite(loss.actor.detach()) & torch.isfinite(loss.critic.detach()), "loss"):
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                return None
+            # Lightning counts every optimizer step of manual optimization as a global step;
+            # count one per PPO iteration so `max_steps` and checkpoint intervals mean rollouts.
+            step = {"grad_norm/actor": self._backward_and_step(actor_opt, loss.actor, count=i == len(minibatches) - 1)}
+            if critic_opt is not None:
+                step["grad_norm/critic"] = self._backward_and_step(critic_opt, loss.critic, count=False)
+            deviation = loss.stats.pop("ppo/ratio_max_deviation")
+            if i == 0:
+                first_deviation = float(deviation)
+            for key, value in {**loss.stats, **step}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
         keys = sorted(sums)
         # Losses normalised by global counts sum over ranks to the global loss, divided by `world`
         # because each was multiplied by it; plain statistics are averaged: both are sum / world.
-        reduced = _all_sum(torch.tensor([sums[k] / count for k in keys], device=self.device)) / world
-        out_stats: dict[str, torch.Tensor] = {key: reduced[i] for i, key in enumerate(keys)}
-        out_stats["ppo/first_ratio_max_deviation"] = torch.tensor(first_deviation)
-        m = rollout.response_mask
-        seq_kl = _all_sum(torch.stack([(rollout.kl * m).sum(), torch.tensor(float(m.shape[0]), device=m.device)]))
-        out_stats["kl/sequence"] = seq_kl[0] / seq_kl[1]
-        return out_stats
+        reduced = all_sum(torch.tensor([sums[k] / len(minibatches) for k in keys], device=self.device)) / world_size()
+        out: dict[str, torch.Tensor] = {key: reduced[i] for i, key in enumerate(keys)}
+        out["ppo/first_ratio_max_deviation"] = torch.tensor(first_deviation)
+        return out
+
+    def _shuffled(self, n: int, epoch: int) -> torch.Tensor:
+        # Same permutation on every rank (seeded by step and epoch): shards stay aligned.
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + epoch)
+        return torch.randperm(n, generator=gen)
+
+    def _backward_and_step(self, optimizer: Any, loss: torch.Tensor, count: bool) -> float:
+        """Backward, gradient clipping, step; returns the gradient norm before clipping."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        norm = self._clip(optimizer)
+        _optimizer_step(optimizer, count=count)
+        return norm
 
     def _clip(self, optimizer: Any) -> float:
         if self.ppo.max_grad_norm is None:
@@ -817,7 +768,7 @@ class PolicyModule(LightningModule):
 
     def _check_finite(self, finite: torch.Tensor, what: str) -> bool:
         """Skip (all ranks together) on a non-finite batch; the guard raises after N in a row."""
-        bad = _all_sum((~finite.bool()).float().reshape(()).to(self.device))
+        bad = all_sum((~finite.bool()).float().reshape(()).to(self.device))
         marker = torch.where(bad > 0, torch.tensor(float("nan"), device=self.device), torch.zeros((), device=self.device))
         ok = self.nonfinite_guard.check(marker, step=self.global_step)
         if not ok:
@@ -829,61 +780,53 @@ class PolicyModule(LightningModule):
 
     def _log_step(self, batch: dict[str, Any], rollout: Rollout, stats: dict[str, torch.Tensor], timings: dict[str, float]) -> None:
         m = rollout.response_mask
-        scores = rollout.extras.get("shaped_scores", rollout.scores).float()
-        seq_kl = (rollout.kl * m).sum(-1)
-        k1 = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1")
-        k3 = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k3")
-        lengths = m.sum(-1).float()
-        keep = rollout.policy_mask
-        kept_per_row = keep.sum(-1).float()
+        scores = (rollout.shaped_scores if rollout.shaped_scores is not None else rollout.scores).float()
         refusals = self._refusals(rollout) if self.log_refusals else None
-
-        # One all-reduce for everything that is a sum over rows.
-        per_row = torch.stack([
-            scores, scores**2, seq_kl, (k1 * m).sum(-1), (k3 * m).sum(-1), lengths, kept_per_row,
-            rollout.truncated.float(), rollout.extras.get("ama_fallbacks", torch.zeros_like(scores, dtype=torch.bool)).float(),
-            keep.bool().logical_and(rollout.advantages >= 0).sum(-1).float(),
-            torch.ones_like(scores),
-        ], dim=1)
-        g_index = torch.tensor([GROUP_NAMES.index(g) if g in GROUP_NAMES else len(GROUP_NAMES) for g in rollout.groups], device=scores.device)
-        n_groups = len(GROUP_NAMES) + 1
-        group_sums = torch.zeros(n_groups, per_row.shape[1] + 1, device=scores.device)
-        group_sums[:, :-1].index_add_(0, g_index, per_row)
+        columns = {
+            "rows": torch.ones_like(scores),
+            "score": scores,
+            "score_sq": scores**2,
+            "kl": (rollout.kl * m).sum(-1),
+            "k1": (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * m).sum(-1),
+            "k3": (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k3") * m).sum(-1),
+            "length": m.sum(-1),
+            "kept": (rollout.policy_mask.bool() & m).sum(-1),
+            "truncated": rollout.truncated,
+            "fallbacks": rollout.extras.get("ama_fallbacks", torch.zeros_like(scores, dtype=torch.bool)),
+        }
         if refusals is not None:
-            group_sums[:, -1].index_add_(0, g_index, refusals.float())
-        group_sums = _all_sum(group_sums)
-        total = group_sums.sum(0)
-        rows = total[10].clamp(min=1)
-        mean_score = total[0] / rows
+            columns["refusals"] = refusals
+        groups = group_sums(columns, rollout.groups)  # {name: (groups,)}, every rank's rows
+        total = {name: value.sum() for name, value in groups.items()}
+        rows = total["rows"].clamp(min=1)
+        mean_score = total["score"] / rows
         metrics: dict[str, Any] = {
             "reward/mean": mean_score,
-            "reward/std": (total[1] / rows - mean_score**2).clamp(min=0).sqrt(),
+            "reward/std": (total["score_sq"] / rows - mean_score**2).clamp(min=0).sqrt(),
             "kl/coef": self.kl_controller.value,
-            "kl/k1": total[3] / rows,
-            "kl/k3": total[4] / rows,
-            "kl/sequence": total[2] / rows,
-            "response/length": total[5] / rows,
-            "response/truncated_fraction": total[7] / rows,
-            "ama/kept_fraction": total[6] / total[5].clamp(min=1),
-            "ama/fallbacks": total[8],
+            "kl/k1": total["k1"] / rows,
+            "kl/k3": total["k3"] / rows,
+            "kl/sequence": total["kl"] / rows,
+            "response/length": total["length"] / rows,
+            "response/truncated_fraction": total["truncated"] / rows,
+            "ama/kept_fraction": total["kept"] / total["length"].clamp(min=1),
+            "ama/fallbacks": total["fallbacks"],
         }
-        mask_sum = _all_sum(torch.stack([(keep & m).sum().float(), m.sum().float()]))
-        metrics["ama/kept_fraction"] = mask_sum[0] / mask_sum[1].clamp(min=1)
         if refusals is not None:
-            metrics["response/refusal_rate"] = total[11] / rows
+            metrics["response/refusal_rate"] = total["refusals"] / rows
         if rollout.values is not None:
-            metrics["ppo/value_explained_variance"] = _global_explained_variance(rollout.values, rollout.returns, m)
+            metrics["ppo/value_explained_variance"] = global_explained_variance(rollout.values, rollout.returns, m)
         metrics.update(stats)
-        for i, name in enumerate(list(GROUP_NAMES) + ["other"]):
-            n_rows = group_sums[i, 10]
+        for i, name in enumerate(GROUP_LOG_NAMES):
+            n_rows = groups["rows"][i]
             if n_rows <= 0:
                 continue
-            metrics[f"group/{name}/reward"] = group_sums[i, 0] / n_rows
-            metrics[f"group/{name}/kl"] = group_sums[i, 2] / n_rows
-            metrics[f"group/{name}/length"] = group_sums[i, 5] / n_rows
-            metrics[f"group/{name}/kept_fraction"] = group_sums[i, 6] / group_sums[i, 5].clamp(min=1)
+            metrics[f"group/{name}/reward"] = groups["score"][i] / n_rows
+            metrics[f"group/{name}/kl"] = groups["kl"][i] / n_rows
+            metrics[f"group/{name}/length"] = groups["length"][i] / n_rows
+            metrics[f"group/{name}/kept_fraction"] = groups["kept"][i] / groups["length"][i].clamp(min=1)
             if refusals is not None:
-                metrics[f"group/{name}/refusal_rate"] = group_sums[i, 11] / n_rows
+                metrics[f"group/{name}/refusal_rate"] = groups["refusals"][i] / n_rows
         step_time = sum(timings.values())
         for phase, seconds in timings.items():
             metrics[f"time/{phase}_s"] = seconds
@@ -918,31 +861,22 @@ class PolicyModule(LightningModule):
     # ----------------------------------------------------------------------------- state
 
     def _init_rng(self) -> None:
-        rank = dist.get_rank() if is_multi_process() else 0
-        self.rollout_rng = RolloutRNG(self.seed + rank, self.device)
+        self.rollout_rng = RolloutRNG(self.seed + rank(), self.device)
         if self._pending_rng_state is not None:
             self.rollout_rng.load_state_dict(self._pending_rng_state)
             self._pending_rng_state = None
 
     def export(self, directory: str, merge_lora: bool = True) -> None:
         """The actor as a Hugging Face directory (safetensors + tokenizer), LoRA merged unless asked not to."""
-        from equilibrate_pl.modules.common import export_hf
-
         export_hf(self.actor, self.tokenizer, directory, merge_lora=merge_lora)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.rollout_rng is None:
             self._init_rng()
-        state = self.rollout_rng.state_dict()
-        if is_multi_process():
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, state)
-        else:
-            gathered = [state]
         checkpoint["policy_state"] = {
             "kl_controller": self.kl_controller.state_dict(),
             "nonfinite_guard": self.nonfinite_guard.state_dict(),
-            "rollout_rng": gathered,
+            "rollout_rng": all_gather_objects(self.rollout_rng.state_dict()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -951,21 +885,12 @@ class PolicyModule(LightningModule):
             return
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.nonfinite_guard.load_state_dict(state["nonfinite_guard"])
-        rank = dist.get_rank() if is_multi_process() else 0
-        states = state["rollout_rng"]
-        if rank < len(states):
-            self._pending_rng_state = states[rank]
+        states, this_rank = state["rollout_rng"], rank()
+        if this_rank < len(states):
+            self._pending_rng_state = states[this_rank]
             self.rollout_rng = None
         else:
-            log.warning("checkpoint has rollout RNG states of %d rank(s); rank %d starts a fresh stream", len(states), rank)
-
-
-def _global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if not is_multi_process():
-        return explained_variance(values, returns, mask)
-    _, var_t = _global_masked_stats(returns, mask)
-    _, var_r = _global_masked_stats(returns - values, mask)
-    return 1.0 - var_r / var_t.clamp(min=1e-12)
+            log.warning("checkpoint has rollout RNG states of %d rank(s); rank %d starts a fresh stream", len(states), this_rank)
 
 
 def _optimizer_step(optimizer: Any, count: bool) -> None:
@@ -992,21 +917,28 @@ def _is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-class _null_context:
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+# FDC groups in logged metric names; rows of any other group count as "other".
+GROUP_LOG_NAMES: tuple[str, ...] = (*GROUP_NAMES, "other")
 
 
-def _adapter_disabled(model: nn.Module) -> Any:
-    from equilibrate_pl.models.loading import adapter_disabled
+def group_sums(columns: dict[str, torch.Tensor], groups: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-row (B,) ``columns`` summed per FDC group over every rank: ``{name: (len(GROUP_LOG_NAMES),)}``
+    in the order of :data:`GROUP_LOG_NAMES`. One all-reduce for all of them."""
+    names = list(columns)
+    per_row = torch.stack([columns[name].float() for name in names], dim=1)
+    index = torch.tensor([GROUP_NAMES.index(g) if g in GROUP_NAMES else len(GROUP_NAMES) for g in groups], device=per_row.device)
+    sums = torch.zeros(len(GROUP_LOG_NAMES), len(names), device=per_row.device).index_add_(0, index, per_row)
+    sums = all_sum(sums)
+    return {name: sums[:, j] for j, name in enumerate(names)}
 
-    return adapter_disabled(model)
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = time.perf_counter() - start
 
 
-__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "AMASettings", "Rollout"]
+__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "Rollout", "TokenRewards", "MinibatchLoss"]

@@ -1,35 +1,28 @@
 """Reward model: a scalar head scored at every position, trained with the Bradley-Terry loss.
 
-One forward pass gives both the sequence score (at the last real token, PITFALLS #3) and, through
-differences of prefix scores, the dense per-token rewards that ADPO/APPO use as token signal.
-
-Training only needs the sequence scores. By default each pair is one packed row,
-``[prompt | chosen | rejected]``, so the prompt is computed once (``share_prompt``,
-``algorithms.prefix_sharing``). Otherwise, for a causal model and right-padded rows the scores do
-not depend on the padding, so the step scores rows of similar length together, each group cut to
-its own longest row, with no attention mask (:func:`group_rows_by_length`,
-:func:`right_padded_scores`).
+One forward pass gives both the sequence score (at the last real token) and, through differences
+of prefix scores, the dense per-token rewards that ADPO/APPO use as token signal. Training only
+needs the sequence scores of each pair: :func:`~equilibrate_pl.models.forward.forward_scores`
+(each pair one packed row, the prompt computed once; ``share_prompt``, ``length_groups``).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics.classification import BinaryAccuracy
 
-from equilibrate_pl.algorithms.prefix_sharing import PackedPairs, additive_mask, group_rows_by_length, pack_pairs, right_padded_lengths
 from equilibrate_pl.algorithms.rewards import bradley_terry_loss, dense_rewards
-from equilibrate_pl.distributed import is_multi_process
+from equilibrate_pl.data.schema import IGNORE_INDEX
+from equilibrate_pl.models.forward import forward_scores, sequence_scores, stack_pairs
+from equilibrate_pl.models.scalar_head import position_scores
 from equilibrate_pl.modules.common import (
-    SingleModelHooks,
     ModelSettings,
     NonFiniteGuard,
     OptimSettings,
+    SingleModelHooks,
     build_scalar_model,
     coerce_settings,
     log_per_group,
@@ -37,134 +30,6 @@ from equilibrate_pl.modules.common import (
     save_plain_hyperparameters,
     step_is_logged,
 )
-
-IGNORE_INDEX = -100
-
-
-def stack_pairs(
-    batch: dict[str, Any], pad_token_id: int, keys: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
-) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows in one (2B, L) batch, right-padded to the longer side.
-
-    One forward pass over both halves instead of two: half the kernel launches and one weight read.
-    """
-    width = max(batch[f"chosen_{keys[0]}"].shape[1], batch[f"rejected_{keys[0]}"].shape[1])
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    out = {}
-    for key in keys:
-        parts = []
-        for side in ("chosen", "rejected"):
-            t = batch[f"{side}_{key}"]
-            parts.append(F.pad(t, (0, width - t.shape[1]), value=fill.get(key, 0)))
-        out[key] = torch.cat(parts, dim=0)
-    return out
-
-
-def right_padded_scores(
-    model: torch.nn.Module, input_ids: torch.Tensor, lengths: Sequence[int], groups: Sequence[Sequence[int]]
-) -> torch.Tensor:
-    """(B,) float32 scores at each row's last real token, from one forward per group of rows.
-
-    Rows must be right-padded (``lengths[i]`` real tokens first) and the model causal: a real token
-    then only attends to real tokens before it, so cutting a group to its longest row and passing
-    no attention mask (plain causal attention, positions 0, 1, ...) gives the same scores as the
-    padded, masked forward, for less work (no padding columns beyond each group's longest row, no
-    4-D mask; sdpa runs its causal kernel).
-    """
-    device = input_ids.device
-    parts, rows_in_order = [], []
-    for rows in groups:
-        index = torch.tensor(rows, device=device)
-        width = max(lengths[i] for i in rows)
-        logits = model(input_ids=input_ids[index, :width], use_cache=False).logits  # (b, width, 1)
-        last = torch.tensor([lengths[i] - 1 for i in rows], device=device)
-        parts.append(logits[torch.arange(len(rows), device=device), last, 0])
-        rows_in_order.extend(rows)
-    scores = torch.cat(parts).float()
-    inverse = torch.empty(len(rows_in_order), dtype=torch.long)
-    inverse[torch.tensor(rows_in_order)] = torch.arange(len(rows_in_order))
-    return scores[inverse.to(device)]
-
-
-def is_causal_model(model: torch.nn.Module) -> bool:
-    """True when every attention module that declares ``is_causal`` (transformers' decoder
-    attention does) declares it True, and at least one does."""
-    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    return bool(flags) and all(flags)
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_parameters(cls: type) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(cls.forward).parameters)
-    except (TypeError, ValueError):  # a builtin or C-implemented forward
-        return frozenset()
-
-
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A PEFT model's base model (which receives its keyword arguments), else ``model`` itself."""
-    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-
-
-def forward_takes(model: torch.nn.Module, name: str) -> bool:
-    """Whether ``model``'s forward declares the keyword ``name`` (``**kwargs`` alone does not count:
-    a forward could swallow the argument). For a PEFT model the base model's forward is the one
-    checked (:func:`base_model`). Read once per class."""
-    return name in _forward_parameters(type(base_model(model)))
-
-
-def can_run_packed(model: torch.nn.Module, width: int = 0) -> bool:
-    """Whether ``model`` runs packed pairs (``algorithms.prefix_sharing``) of ``width`` positions exactly.
-
-    transformers passes a 4-D mask through unchanged to its sdpa and eager attention; flash and flex
-    attention take none, a model that is not causal would let the prefix see its branches, a forward
-    without ``position_ids`` cannot restart the rejected branch's positions, and a sliding window
-    shorter than the packed row would be lost under a custom mask.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    if not is_causal_model(model) or not forward_takes(model, "position_ids"):
-        return False
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return not (isinstance(window, int) and window < width)
-
-
-def packed_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """The boolean 4-D mask of packed pairs as ``model``'s attention takes it: as is for sdpa, as an
-    additive float mask for eager attention."""
-    if model.config._attn_implementation == "sdpa":
-        return mask
-    return additive_mask(mask, next(model.parameters()).dtype)
-
-
-def pack_for(
-    model: torch.nn.Module, chosen_ids: torch.Tensor, chosen_mask: torch.Tensor, rejected_ids: torch.Tensor,
-    rejected_mask: torch.Tensor, pad_token_id: int, width: int | None = None,
-) -> PackedPairs | None:
-    """The pairs packed one per row (``algorithms.prefix_sharing.pack_pairs``; ``width`` as there), or
-    ``None`` when ``model`` cannot run them (:func:`can_run_packed`) or a row is not right padded."""
-    if not can_run_packed(model):
-        return None
-    lengths = [right_padded_lengths(mask) for mask in (chosen_mask, rejected_mask)]
-    if lengths[0] is None or lengths[1] is None:
-        return None
-    device = chosen_ids.device
-    packed = pack_pairs(chosen_ids, torch.tensor(lengths[0], device=device), rejected_ids,
-                        torch.tensor(lengths[1], device=device), pad_token_id, width=width)
-    return packed if can_run_packed(model, packed.input_ids.shape[1]) else None
-
-
-def packed_forward_inputs(
-    model: torch.nn.Module, packed: PackedPairs, max_groups: int,
-) -> Iterator[tuple[torch.Tensor, int, dict[str, torch.Tensor]]]:
-    """``(rows, width, model inputs)`` of up to ``max_groups`` forwards over packed rows of similar
-    length, each cut to its longest row, the mask in ``model``'s form. One forward with several
-    processes: under FSDP every rank must run the same number of forwards."""
-    for index, width in packed.row_groups(1 if is_multi_process() else max_groups):
-        inputs = packed.inputs(index, width)
-        inputs["attention_mask"] = packed_mask_for(model, inputs["attention_mask"])
-        yield index, width, inputs
 
 
 class RewardModule(SingleModelHooks, LightningModule):
@@ -176,24 +41,22 @@ class RewardModule(SingleModelHooks, LightningModule):
         margin: constant margin in the loss; a per-pair ``margin`` tensor in the batch is used instead
             when present.
         max_nonfinite_steps: stop after this many non-finite losses in a row.
-        length_groups: :meth:`score` runs right-padded rows of a causal model in up to this many
+        length_groups: rows (packed pairs, or stacked rows of a causal model) run in up to this many
             forwards of rows of similar length, each cut to its longest row (less padding, same
-            scores); a split is made only when it saves more than 10% of the batch's padded
-            positions per extra forward. 1 = a single forward. On a GPU with few, short rows, where
-            a forward costs its weight reads rather than its tokens, 1 is usually faster. With
-            more than one process it is always 1 (every rank must run the same forwards under FSDP).
-        share_prompt: score each pair as one packed row, its common prefix (the prompt) computed once
-            for chosen and rejected (``algorithms.prefix_sharing``; same scores), where the model takes
-            a 4-D mask and position ids (sdpa or eager attention) and rows are right padded;
-            otherwise, or with ``False``, :meth:`score` runs chosen and rejected rows.
+            scores); a split is made only when it saves more than 10% of the padded positions per
+            extra forward. 1 = one forward (on a GPU with few, short rows usually the faster choice).
+            Always 1 with several processes (under FSDP every rank must run the same forwards).
+        share_prompt: score each pair as one packed row, its prompt computed once (same scores), where
+            the model takes a 4-D mask and position ids (sdpa or eager attention) and rows are right
+            padded; otherwise, or with ``False``, chosen and rejected run as stacked rows.
 
     Training-step diagnostics (score means, margin, per-group accuracy) are logged on the steps
     Lightning writes to its loggers (``log_every_n_steps``), at the end of an epoch and of training
     (:func:`~equilibrate_pl.modules.common.step_is_logged`); loss and accuracy also every step while a
     progress bar shows them. Validation logs every batch (exact epoch means).
 
-    Override :meth:`compute_loss` to change the objective, :meth:`pair_scores` (pairs) or :meth:`score`
-    (single sequences) to change the scoring.
+    Override :meth:`compute_loss` to change the objective, :meth:`pair_scores` to change how pairs are
+    scored; :meth:`score` and :meth:`dense_token_rewards` score single sequences.
     """
 
     def __init__(
@@ -220,7 +83,6 @@ class RewardModule(SingleModelHooks, LightningModule):
         self.model, self.tokenizer = build_scalar_model(self.model_settings)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         self.guard = NonFiniteGuard(max_nonfinite_steps)
-        self._causal = is_causal_model(self.model)
         # Validation accumulates correct/total over the epoch (exact, synced across ranks); a
         # training step logs its own batch's accuracy, a plain mean.
         self.val_accuracy = BinaryAccuracy()
@@ -229,25 +91,12 @@ class RewardModule(SingleModelHooks, LightningModule):
 
     def position_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) float scores of every prefix (zero on padding)."""
-        from equilibrate_pl.models import position_scores
-
         return position_scores(self.model, input_ids, attention_mask)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) sequence scores: the prefix score at each row's last real token.
-
-        Right-padded rows of a causal model go through :func:`right_padded_scores` in up to
-        ``length_groups`` forwards; anything else (left padding) through one masked forward.
-        """
-        from equilibrate_pl.models import last_token_scores
-
-        lengths = right_padded_lengths(attention_mask) if self._causal else None
-        if lengths is None:
-            return last_token_scores(self.position_scores(input_ids, attention_mask), attention_mask)
-        # Sharded strategies (FSDP) all-gather in every forward: each rank must run the same
-        # number of forwards, and a data-dependent split would leave ranks waiting on each other.
-        groups = group_rows_by_length(lengths, 1 if is_multi_process() else self.length_groups)
-        return right_padded_scores(self.model, input_ids, lengths, groups)
+        """(B,) sequence scores: the prefix score at each row's last real token
+        (:func:`~equilibrate_pl.models.forward.sequence_scores`, up to ``length_groups`` forwards)."""
+        return sequence_scores(self.model, input_ids, attention_mask, self.length_groups)
 
     @torch.no_grad()
     def dense_token_rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -261,29 +110,12 @@ class RewardModule(SingleModelHooks, LightningModule):
 
     # -- the objective ---------------------------------------------------------------------
 
-    def pack(self, batch: dict[str, Any]) -> PackedPairs | None:
-        """The batch's pairs packed one per row (:func:`pack_for`), or ``None`` when ``share_prompt``
-        is off, the model cannot take the packed mask, or rows are not right padded."""
-        if not self.share_prompt:
-            return None
-        return pack_for(self.model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
-                        batch["rejected_input_ids"], batch["rejected_attention_mask"], self.tokenizer.pad_token_id)
-
     def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(chosen, rejected)`` (B,) float32 sequence scores: one packed forward (:meth:`pack`), or
-        :meth:`score` over the stacked rows."""
-        packed = self.pack(batch)
-        if packed is None:
-            pairs = stack_pairs(batch, self.tokenizer.pad_token_id, keys=("input_ids", "attention_mask"))
-            chosen, rejected = self.score(pairs["input_ids"], pairs["attention_mask"]).chunk(2)
-            return chosen, rejected
-        chosen = torch.empty(packed.input_ids.shape[0], device=packed.input_ids.device)
-        rejected = torch.empty_like(chosen)
-        for index, _, inputs in packed_forward_inputs(self.model, packed, self.length_groups):
-            logits = self.model(**inputs, use_cache=False).logits[..., 0]
-            at = torch.arange(index.shape[0], device=index.device)
-            chosen = chosen.index_put((index,), logits[at, packed.chosen_last[index]].float())
-            rejected = rejected.index_put((index,), logits[at, packed.rejected_last[index]].float())
+        """``(chosen, rejected)`` (B,) float32 sequence scores of the batch's pairs
+        (:func:`~equilibrate_pl.models.forward.forward_scores`)."""
+        pad = self.tokenizer.pad_token_id
+        pairs = stack_pairs(batch, pad, keys=("input_ids", "attention_mask"))
+        chosen, rejected = forward_scores(self.model, pairs, pad, self.share_prompt, self.length_groups).chunk(2)
         return chosen, rejected
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

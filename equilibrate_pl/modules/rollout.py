@@ -37,6 +37,7 @@ class Rollout:
     dense_rewards: torch.Tensor | None = None  # (B, R) differences of prefix scores
     kl: torch.Tensor | None = None  # (B, R) per-token KL estimate used in the reward
     rewards: torch.Tensor | None = None  # (B, R) per-token rewards (score + KL penalty)
+    shaped_scores: torch.Tensor | None = None  # (B,) the sequence scores in the rewards (compute_scores)
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
     policy_mask: torch.Tensor | None = None  # (B, R) tokens in the policy loss (APPO mask or response_mask)
@@ -66,9 +67,9 @@ class Rollout:
 def response_mask(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of the real response tokens and whether each row stopped on its own.
 
-    A response runs through its first EOS (included: the model must learn to stop, PITFALLS #2);
+    A response runs through its first EOS (included: the model must learn to stop, docs/DATA.md: EOS is not padding);
     ``generate`` pads after it. A row without EOS was cut at ``max_new_tokens``: all its columns are
-    real tokens, and it is flagged so the caller can penalise it (PITFALLS #4). Pad ids *inside* a
+    real tokens, and it is flagged so the caller can penalise it (docs/PPO.md: responses without EOS). Pad ids *inside* a
     response (the model may sample the pad token) are real actions and stay in the mask: the mask
     comes from the EOS position, never from ``token != pad``.
 
@@ -83,12 +84,6 @@ def response_mask(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> 
     return mask, ~has_eos
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over each row's real tokens: a left-padded row sees the positions it would
-    see unpadded, as ``generate`` does (PITFALLS #1)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 _DROPOUT_ATTRS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout")
 
 
@@ -96,7 +91,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     """Zero every dropout probability, keeping train mode (so gradient checkpointing stays on).
 
     With dropout on, the log-probs of the update differ from those of the rollout and the PPO
-    ratio is not 1 at the first step (PITFALLS #1). Covers ``nn.Dropout`` layers (LoRA dropout too)
+    ratio is not 1 at the first step (docs/PPO.md). Covers ``nn.Dropout`` layers (LoRA dropout too)
     and the float attributes that HF attention modules and configs read at call time.
     """
     for module in model.modules():
@@ -206,84 +201,3 @@ class RolloutRNG:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state = {k: v.cpu() for k, v in state.items()}
-
-
-def cache_keyword(model: nn.Module) -> str | None:
-    """The keyword under which ``model``'s forward takes a KV cache (``cache`` from transformers
-    5.x on, ``past_key_values`` before), or ``None``."""
-    from equilibrate_pl.modules.reward import forward_takes
-
-    for name in ("cache", "past_key_values"):
-        if forward_takes(model, name):
-            return name
-    return None
-
-
-def can_share_prompt_cache(model: nn.Module) -> bool:
-    """Whether :func:`shared_prompt_forward` can run ``model``: its forward takes a KV cache, and
-    gradient checkpointing is off (transformers drops the cache in checkpointed layers)."""
-    from equilibrate_pl.modules.reward import base_model
-
-    base = base_model(model)
-    # transformers 5 renamed the flag; the old name still works but warns.
-    flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return cache_keyword(model) is not None and not getattr(base, flag, False)
-
-
-def shared_prompt_forward(
-    model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, group: int,
-    prompt_positions: int = 1, output_hidden_states: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One forward of rollout rows whose prompts come in blocks of ``group`` identical rows (the
-    ``samples_per_prompt`` responses of one prompt), each prompt computed once.
-
-    The prompt runs for the first row of each block; its KV cache is repeated ``group`` times and
-    every row's response runs on top of it. Causal attention makes each response position's hidden
-    state the one the full forward gives (gradients flow through the cache to the prompt's
-    computation), at ``1/group`` of the prompt's cost.
-
-    Args:
-        sequences, attention_mask: (B, P + R) ``[left-padded prompt | response]``, B a multiple of
-            ``group``, rows ``i*group .. i*group + group - 1`` with the same prompt columns.
-        prompt_length: P.
-        prompt_positions: how many of the prompt's last positions to return (1 for a causal LM's
-            next-token logits, P for a scalar model's prefix scores).
-
-    Returns:
-        ``(logits, hidden)`` over positions ``P - prompt_positions .. P + R - 1``; ``hidden`` is the
-        last layer's hidden states there when ``output_hidden_states``, else ``None``.
-    """
-    from transformers import DynamicCache
-
-    from equilibrate_pl.modules.reward import forward_takes
-
-    rows = sequences.shape[0]
-    if group < 1 or rows % group:
-        raise ValueError(f"{rows} rows do not split into blocks of {group}")
-    if not 1 <= prompt_positions <= prompt_length:
-        raise ValueError(f"prompt_positions must be in 1..{prompt_length}, got {prompt_positions}")
-    keyword = cache_keyword(model)
-    if keyword is None:
-        raise ValueError(f"{type(model).__name__}'s forward takes no KV cache")
-    positions = position_ids_from_mask(attention_mask)
-    first = slice(None, None, group)
-    cache = DynamicCache(config=model.config)
-    extra: dict[str, Any] = {keyword: cache}
-    if forward_takes(model, "logits_to_keep"):
-        extra["logits_to_keep"] = prompt_positions  # no LM head over the rest of the prompt
-    prompt = model(
-        input_ids=sequences[first, :prompt_length], attention_mask=attention_mask[first, :prompt_length],
-        position_ids=positions[first, :prompt_length], use_cache=True, output_hidden_states=output_hidden_states,
-        **extra,
-    )
-    cache.batch_repeat_interleave(group)
-    response = model(
-        input_ids=sequences[:, prompt_length:], attention_mask=attention_mask, position_ids=positions[:, prompt_length:],
-        use_cache=True, output_hidden_states=output_hidden_states, **{keyword: cache},
-    )
-    logits = torch.cat([prompt.logits[:, -prompt_positions:].repeat_interleave(group, 0), response.logits], dim=1)
-    hidden = None
-    if output_hidden_states:
-        hidden = torch.cat([prompt.hidden_states[-1][:, -prompt_positions:].repeat_interleave(group, 0),
-                            response.hidden_states[-1]], dim=1)
-    return logits, hidden

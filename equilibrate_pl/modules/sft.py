@@ -8,19 +8,18 @@ import torch
 from lightning.pytorch import LightningModule
 
 from equilibrate_pl.algorithms.logprobs import token_logprobs
+from equilibrate_pl.data.schema import IGNORE_INDEX
 from equilibrate_pl.modules.common import (
-    SingleModelHooks,
     ModelSettings,
     NonFiniteGuard,
     OptimSettings,
+    SingleModelHooks,
     build_causal_lm,
     coerce_settings,
     log_per_group,
     rank_max,
     save_plain_hyperparameters,
 )
-
-IGNORE_INDEX = -100
 
 
 class SFTModule(SingleModelHooks, LightningModule):

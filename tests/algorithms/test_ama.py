@@ -1,4 +1,4 @@
-"""AMA masks (METHOD.md section 3) against hand values and a per-row, per-token loop of the text.
+"""AMA masks (docs/METHOD.md section 3) against hand values and a per-row, per-token loop of the text.
 
 Signals are drawn from a grid of quarters so a batch mean is either exactly a grid value or at least
 1/(4n) away from every signal: float32 vs Python-float arithmetic can never flip a comparison.

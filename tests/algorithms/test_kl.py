@@ -15,7 +15,7 @@ def test_k1_is_the_log_ratio_and_can_be_negative() -> None:
     ref = torch.tensor([[-1.5, -1.0]])
     k1 = kl_penalty(lp, ref, "k1")
     assert torch.allclose(k1, torch.tensor([[0.5, -1.0]]))
-    assert (k1 < 0).any()  # PITFALLS #7: a token can have negative k1
+    assert (k1 < 0).any()  # a token can have negative k1 (docs/PPO.md: negative KL)
 
 
 def test_k3_matches_formula_and_is_non_negative() -> None:

@@ -123,7 +123,7 @@ def test_truncation_flags_and_no_eos(word_tokenizer):
 def test_pad_equal_to_eos_is_refused(word_tokenizer):
     clone = PreTrainedTokenizerFast(tokenizer_object=word_tokenizer.backend_tokenizer, pad_token="<eos>", eos_token="<eos>")
     clone.chat_template = word_tokenizer.chat_template
-    with pytest.raises(ValueError, match="PITFALLS #2"):
+    with pytest.raises(ValueError, match="docs/DATA.md: EOS is not padding"):
         SFTCollator(clone)
     nopad = PreTrainedTokenizerFast(tokenizer_object=word_tokenizer.backend_tokenizer, eos_token="<eos>")
     with pytest.raises(ValueError, match="no pad token"):
@@ -178,7 +178,7 @@ WORDS = ["hi", "yo", "ok", "sure", "no", "why"]
     extra=st.integers(1, 8),
 )
 def test_ragged_batches_match_a_per_row_loop(word_tokenizer, rows, max_prompt_length, extra):
-    """PITFALLS #5: ragged lengths, checked row by row against ids built here from VOCAB."""
+    """Ragged lengths (docs/PPO.md: ragged batches), checked row by row against ids built here from VOCAB."""
     max_length = max_prompt_length + extra
     coll = SFTCollator(word_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
     batch = coll.collate_records([{"prompt": " ".join(p), "response": " ".join(r)} for p, r in rows])

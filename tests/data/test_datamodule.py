@@ -20,7 +20,7 @@ from equilibrate_pl.distributed import destroy_process_group_at_exit
 
 
 def tiny_module(**kwargs) -> SafetyDataModule:
-    defaults = dict(world_size="tiny", batch_size=8, eval_batch_size=16, max_length=96, max_prompt_length=48, val_size=16)
+    defaults = dict(world_scale="tiny", batch_size=8, eval_batch_size=16, max_length=96, max_prompt_length=48, val_size=16)
     return SafetyDataModule(**{**defaults, **kwargs})
 
 
@@ -291,3 +291,9 @@ def test_real_fdc_labelled_prompts_as_safety_data(shared_data, equilibrate_cache
     assert dm.val_dataloader() == []
     b = batches(dm, 1)[0]
     assert b["input_ids"].shape[0] == 8 and (b["attention_mask"][:, -1] == 1).all()
+
+
+def test_the_former_name_of_world_scale_still_works_with_a_warning() -> None:
+    with pytest.warns(FutureWarning, match="world_size is now data.world_scale"):
+        dm = SafetyDataModule(stage="prompt", world_size="tiny")
+    assert dm.world_scale == "tiny" and dm.hparams["world_scale"] == "tiny" and "world_size" not in dm.hparams

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from equilibrate_pl.data.fdc import build_categorizer, classification_report
+from equilibrate_pl.data.fdc import build_categorizer
+from equilibrate_pl.data.fdc_report import classification_report
 from equilibrate_pl.data.fdc_classifier import ClassifierCategorizer, mean_pool
 
 

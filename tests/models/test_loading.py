@@ -1,5 +1,5 @@
 """load_causal_lm: dtype, LoRA, 8/4-bit through bitsandbytes on CPU, activation checkpointing,
-merging, adapter directories, and the LoRA reference model (PITFALLS #6)."""
+merging, adapter directories, and the LoRA reference model (docs/MODELS.md: the LoRA reference)."""
 
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def test_freeze():
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-# ---- PITFALLS #6: the reference obtained by disabling the adapter ----
+# ---- the reference obtained by disabling the adapter (docs/MODELS.md: the LoRA reference) ----
 
 def test_reference_check_refuses_models_without_single_adapter(tiny_dir):
     plain, _ = load_causal_lm("builtin:tiny")

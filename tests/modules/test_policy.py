@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from equilibrate_pl.modules.policy import PolicyModule
+from equilibrate_pl.modules.policy import PolicyModule, TokenRewards
 from equilibrate_pl.modules.rollout import Rollout, response_mask
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def loader(batches: list[dict[str, Any]]) -> Any:
 def prompt_datamodule(batch_size: int = 4, seed: int = 0) -> Any:
     from equilibrate_pl.data import SafetyDataModule
 
-    return SafetyDataModule(stage="prompt", tokenizer="builtin:tiny", world_size="tiny", batch_size=batch_size,
+    return SafetyDataModule(stage="prompt", tokenizer="builtin:tiny", world_scale="tiny", batch_size=batch_size,
                             val_size=0, seed=seed, mix="all")
 
 
@@ -180,7 +180,7 @@ def test_rewards_sit_on_the_last_real_token_and_missing_eos_is_penalised() -> No
     module = PolicyModule(kl={"coef": 0.5}, generation={"missing_eos_penalty": 3.0})
     rollout = hand_rollout([1.0, 2.0, 5.0], [2, 4, 1], [False, True, False])
     rollout.logprobs = torch.tensor([[0.2, 0.1, 9.0, 9.0], [0.0, 0.0, 0.0, 0.4], [-0.2, 9.0, 9.0, 9.0]])
-    rewards = module.compute_rewards({}, rollout)
+    rewards, kl, scores = module.compute_rewards({}, rollout)
     # KL (k1) only on real tokens; score (minus 3 for the row without EOS) on its last real token.
     expected = torch.tensor([
         [-0.1, -0.05 + 1.0, 0.0, 0.0],
@@ -188,6 +188,9 @@ def test_rewards_sit_on_the_last_real_token_and_missing_eos_is_penalised() -> No
         [0.1 + 5.0, 0.0, 0.0, 0.0],
     ])
     assert torch.allclose(rewards, expected, atol=1e-6)
+    assert torch.allclose(kl, torch.tensor([[0.2, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.4], [-0.2, 0.0, 0.0, 0.0]]), atol=1e-6)
+    assert scores.tolist() == pytest.approx([1.0, -1.0, 5.0])
+    assert rollout.kl is None and rollout.rewards is None  # returned, not written into the rollout
 
 
 def test_length_penalty_subclass_changes_only_the_score() -> None:
@@ -196,8 +199,34 @@ def test_length_penalty_subclass_changes_only_the_score() -> None:
             return super().compute_scores(batch, rollout) - 0.1 * rollout.response_lengths
 
     rollout = hand_rollout([1.0, 1.0], [1, 4], [False, False])
-    rewards = LengthPenalised(kl={"coef": 0.0}).compute_rewards({}, rollout)
+    rewards = LengthPenalised(kl={"coef": 0.0}).compute_rewards({}, rollout).rewards
     assert rewards.sum(-1).tolist() == pytest.approx([0.9, 0.6])
+
+
+def test_a_compute_rewards_override_drives_the_update_and_the_kl_controller(kit: Any) -> None:
+    """An override returns its own rewards and KL; nothing it leaves out of the rollout breaks the step."""
+    tok, actor, rm, critic = kit
+    seen: dict[str, torch.Tensor] = {}
+
+    class ConstantKL(PolicyModule):
+        def compute_rewards(self, batch: dict, rollout: Rollout) -> Any:
+            kl = 0.25 * rollout.response_mask.float()
+            scores = torch.ones_like(rollout.scores)
+            last = rollout.response_lengths - 1
+            rewards = torch.zeros_like(kl).scatter(1, last.unsqueeze(1), 1.0)
+            seen["rewards"] = rewards
+            return TokenRewards(rewards, kl, scores)
+
+    module = ConstantKL.from_models(actor, tok, rm, critic=critic, generation={"max_new_tokens": 3},
+                                    kl={"coef": 0.1, "adaptive": True, "target": 1.0, "horizon": 100})
+    before = module.kl_controller.value
+    make_trainer(max_steps=1).fit(module, loader([prompt_batch(tok, PROMPTS)]))
+    m = module.last_metrics
+    assert m["reward/mean"] == pytest.approx(1.0)
+    assert m["kl/sequence"] == pytest.approx(0.25 * m["response/length"], rel=1e-5)
+    # Ziegler's controller moved towards the target from the override's KL: 0.1 * (1 + clip(kl/target - 1) * n / horizon).
+    error = max(-0.2, min(0.2, m["kl/sequence"] / 1.0 - 1.0))
+    assert module.kl_controller.value == pytest.approx(before * (1 + error * len(PROMPTS) / 100), rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +236,7 @@ def test_length_penalty_subclass_changes_only_the_score() -> None:
 
 def test_generate_scores_match_forward_logprobs_with_left_padding(kit: Any) -> None:
     """Rollout log-probs (teacher-forced, position_ids from the mask) equal what ``generate``
-    computed token by token with its KV cache: same positions, same policy (PITFALLS #1)."""
+    computed token by token with its KV cache: same positions, same policy (docs/PPO.md: ratio 1 at the first step)."""
     tok, actor, rm, critic = kit
     module = PolicyModule.from_models(actor, tok, rm, critic=critic, generation={"max_new_tokens": 6, "do_sample": False})
     module.configure_model()
@@ -228,7 +257,7 @@ def test_generate_scores_match_forward_logprobs_with_left_padding(kit: Any) -> N
 
 def test_ragged_batch_scoring_equals_per_row_loop(kit: Any) -> None:
     """Log-probs, values, scores and dense rewards of a padded batch equal each row scored alone,
-    unpadded (PITFALLS #5: off-by-one at response ends)."""
+    unpadded: no off-by-one at response ends (docs/PPO.md: ragged batches)."""
     tok, actor, rm, critic = kit
     module = PolicyModule.from_models(actor, tok, rm, critic=critic, generation={"max_new_tokens": 7})
     module.configure_model()

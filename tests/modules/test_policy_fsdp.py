@@ -54,7 +54,7 @@ def _worker(out: str, world: int, ppo_epochs: int = 2, samples_per_prompt: int =
         actor, tok, reward, critic=critic,
         generation={"max_new_tokens": 6, "do_sample": False},
         # One minibatch per epoch; with 2 samples per prompt each prompt runs once in the scoring
-        # forwards and its responses on its KV cache (ppo.share_prompt_cache).
+        # forwards and its responses on its KV cache (share_prompt).
         samples_per_prompt=samples_per_prompt,
         ppo={"minibatch_size": samples_per_prompt * GLOBAL_BATCH // world, "ppo_epochs": ppo_epochs},
         ama={"enabled": True, "token_signal": "value", "baseline": "batch_mean"},

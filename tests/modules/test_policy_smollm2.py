@@ -37,7 +37,7 @@ def test_one_appo_step_on_smollm2_with_lora(tmp_path: Any) -> None:
     from equilibrate_pl.models import smollm2_dir
 
     # data.tokenizer.load_tokenizer does not resolve "builtin:smollm2"; the directory works.
-    data = SafetyDataModule(stage="prompt", tokenizer=str(smollm2_dir()), world_size="tiny", batch_size=4, val_size=0, mix="all")
+    data = SafetyDataModule(stage="prompt", tokenizer=str(smollm2_dir()), world_scale="tiny", batch_size=4, val_size=0, mix="all")
     before = {n: p.detach().clone() for n, p in actor.named_parameters() if p.requires_grad}
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0)

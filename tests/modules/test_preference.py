@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from equilibrate_pl.algorithms.ama import ADPOSettings
 from equilibrate_pl.algorithms.dpo import dpo_loss
 from equilibrate_pl.modules.common import ModelSettings, OptimSettings
-from equilibrate_pl.modules.preference import AMASettings, PreferenceModule
+from equilibrate_pl.modules.preference import PreferenceModule
 
 BETA = 0.5
 
@@ -85,7 +86,7 @@ def loop_dpo(module: PreferenceModule, batch: dict[str, Any], signals: dict[str,
 
 
 def test_ama_disabled_is_exactly_dpo(records: list[dict[str, Any]]) -> None:
-    module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=False))
+    module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=False))
     perturb(module.model)
     batch = make_batch(module, records)
     loss, stats = module.compute_loss(batch)
@@ -96,18 +97,18 @@ def test_ama_disabled_is_exactly_dpo(records: list[dict[str, Any]]) -> None:
         def compute_masks(self, signal, token_mask):
             return token_mask, torch.zeros(token_mask.shape[0], dtype=torch.bool)
 
-    adpo = KeepAll(beta=BETA, ama=AMASettings(enabled=True))
+    adpo = KeepAll(beta=BETA, ama=ADPOSettings(enabled=True))
     adpo.model.load_state_dict(module.model.state_dict())
     torch.testing.assert_close(adpo.compute_loss(batch)[0], loss, rtol=0, atol=0)
 
 
 def test_nll_weight_adds_the_chosen_token_mean_nll(records: list[dict[str, Any]]) -> None:
     """RPO: loss = DPO + w * (mean over chosen tokens of -log p), per row, all chosen tokens."""
-    module = PreferenceModule(beta=BETA, nll_weight=0.7, ama=AMASettings(enabled=True, token_signal="implicit"))
+    module = PreferenceModule(beta=BETA, nll_weight=0.7, ama=ADPOSettings(enabled=True, token_signal="implicit"))
     perturb(module.model)
     batch = make_batch(module, records)
     loss, stats = module.compute_loss(batch)
-    plain = PreferenceModule(beta=BETA, ama=AMASettings(enabled=True, token_signal="implicit"))
+    plain = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="implicit"))
     plain.model.load_state_dict(module.model.state_dict())
     ids, labels, mask = (batch[f"chosen_{k}"] for k in ("input_ids", "labels", "attention_mask"))
     nll = torch.tensor([-sum(row.values()) / len(row) for row in loop_token_logps(module.model, ids, labels, mask)])
@@ -118,7 +119,7 @@ def test_nll_weight_adds_the_chosen_token_mean_nll(records: list[dict[str, Any]]
 
 
 def test_adpo_field_signal_against_loop(records: list[dict[str, Any]]) -> None:
-    module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=True, token_signal="field"))
+    module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="field"))
     perturb(module.model)
     batch = make_batch(module, records, signal=True)
     signals = {
@@ -145,7 +146,7 @@ def reward_dir(equilibrate_cache: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_adpo_dense_reward_alignment_against_loop(records: list[dict[str, Any]], reward_dir: Path) -> None:
-    module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=True, token_signal="dense_reward"), reward_model=str(reward_dir))
+    module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="dense_reward"), reward_model=str(reward_dir))
     perturb(module.model)
     batch = make_batch(module, records)
     signals: dict[str, list[dict[int, float]]] = {}
@@ -178,7 +179,7 @@ def test_adapter_disabled_reference_equals_frozen_copy(records: list[dict[str, A
 
 
 def test_precomputed_cache_gives_the_same_loss_and_is_reused(records: list[dict[str, Any]], reward_dir: Path, tmp_path: Path) -> None:
-    kwargs = dict(beta=BETA, ama=AMASettings(enabled=True, token_signal="dense_reward", baseline="batch_mean"),
+    kwargs = dict(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="dense_reward", baseline="batch_mean"),
                   reward_model=str(reward_dir))
     live = PreferenceModule(**kwargs)
     cached = PreferenceModule(**kwargs, precompute_reference=True, cache_dir=str(tmp_path))
@@ -186,8 +187,8 @@ def test_precomputed_cache_gives_the_same_loss_and_is_reused(records: list[dict[
     batch = make_batch(live, records)
     loader = [make_batch(live, records[:2]), {**make_batch(live, records[2:]), "index": torch.tensor([2, 3])}]
     assert cached.precompute({"train": loader}) == 4
-    path = cached._cache_path()
-    cached._save_cache_file(path)
+    path = cached.cache_path()
+    cached.reference_cache.save(path)
     calls = []
     cached.reference_token_logprobs = lambda pairs: calls.append(1)  # type: ignore[method-assign]
     perturb(live.model)
@@ -195,7 +196,7 @@ def test_precomputed_cache_gives_the_same_loss_and_is_reused(records: list[dict[
     torch.testing.assert_close(cached.compute_loss(batch, "train")[0], live.compute_loss(batch, "train")[0])
     assert not calls  # the reference was not run
     fresh = PreferenceModule(**kwargs, precompute_reference=True, cache_dir=str(tmp_path))
-    fresh._load_cache_file(path)
+    assert fresh.reference_cache.load(path) == 4
     assert fresh.precompute({"train": loader}) == 0
     # Different tokens under the same index are recomputed, not served from the cache.
     other = make_batch(live, records[1:4])
@@ -211,9 +212,9 @@ def test_reward_model_tokenizer_mismatch_fails_at_start_up(reward_dir: Path, tmp
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="policy and reward model tokenizers do not match"):
-        PreferenceModule(ama=AMASettings(enabled=True, token_signal="dense_reward"), reward_model=str(tmp_path))
+        PreferenceModule(ama=ADPOSettings(enabled=True, token_signal="dense_reward"), reward_model=str(tmp_path))
     with pytest.raises(ValueError, match="needs reward_model"):
-        PreferenceModule(ama=AMASettings(enabled=True, token_signal="dense_reward"))
+        PreferenceModule(ama=ADPOSettings(enabled=True, token_signal="dense_reward"))
 
 
 class _NaNAfter(PreferenceModule):
@@ -229,7 +230,7 @@ class _NaNAfter(PreferenceModule):
 def _world_data(batch_size: int = 8) -> Any:
     from equilibrate_pl.data import SafetyDataModule
 
-    return SafetyDataModule(stage="preference", world_size="tiny", batch_size=batch_size, eval_batch_size=16,
+    return SafetyDataModule(stage="preference", world_scale="tiny", batch_size=batch_size, eval_batch_size=16,
                             val_size=16, max_length=96, max_prompt_length=48)
 
 
@@ -259,7 +260,7 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path: Path, equilibrate_cache:
 def test_tiny_run_grows_the_validation_margin(ama: bool, tmp_path: Path, equilibrate_cache: Path) -> None:
     L.seed_everything(0)
     module = PreferenceModule(optim=OptimSettings(lr=1e-3, warmup_steps=2), beta=0.1,
-                              ama=AMASettings(enabled=ama, baseline="batch_mean"), precompute_reference=ama)
+                              ama=ADPOSettings(enabled=ama, baseline="batch_mean"), precompute_reference=ama)
     data = _world_data()
     trainer = _trainer(tmp_path, 16, val_check_interval=16, check_val_every_n_epoch=None)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
@@ -308,7 +309,7 @@ def test_one_adpo_step_on_smollm2_with_lora(equilibrate_cache: Path) -> None:
     module = PreferenceModule(
         model=ModelSettings(name_or_path="builtin:smollm2", lora={"r": 16, "alpha": 32}),
         reference="adapter_disabled", optim=OptimSettings(lr=1e-4), beta=0.1,
-        ama=AMASettings(enabled=True, token_signal="implicit", baseline="batch_mean"),
+        ama=ADPOSettings(enabled=True, token_signal="implicit", baseline="batch_mean"),
     )
     records = build_world(seed=0, size="tiny").preference_records("train")[:4]
     batch = build_collator("preference", module.tokenizer, max_length=256, max_prompt_length=128).collate_records(records)

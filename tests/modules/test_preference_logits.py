@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from equilibrate_pl.algorithms.ama import ADPOSettings
 from equilibrate_pl.algorithms.logprobs import first_scored_position, tail_token_logprobs, token_logprobs
+from equilibrate_pl.models.forward import _forward_parameters, accepts_logits_to_keep
 from equilibrate_pl.modules.common import ModelSettings
-from equilibrate_pl.modules.preference import AMASettings, PreferenceModule, accepts_logits_to_keep
-from equilibrate_pl.modules.reward import _forward_parameters
+from equilibrate_pl.modules.preference import PreferenceModule
 from tests.modules.test_preference import perturb
 
 BETA = 0.5
@@ -140,7 +141,7 @@ def test_gradient_matches_autograd_log_softmax() -> None:
 def test_sliced_step_equals_full_forward_with_a_frozen_copy(ama: str | None) -> None:
     # The stacked path (chosen and rejected as separate rows); tests/modules/test_prefix_sharing.py
     # checks the packed one against the same full forward.
-    module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=ama is not None, token_signal=ama or "implicit"),
+    module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=ama is not None, token_signal=ama or "implicit"),
                               share_prompt=False)
     assert module.reference is not None and accepts_logits_to_keep(module.model)
     perturb(module.model)
@@ -176,7 +177,7 @@ def test_sliced_step_equals_full_forward_with_a_frozen_copy(ama: str | None) -> 
 
 def test_sliced_step_equals_full_forward_with_lora_and_the_adapter_disabled() -> None:
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
-                              ama=AMASettings(enabled=True, token_signal="implicit"), share_prompt=False)
+                              ama=ADPOSettings(enabled=True, token_signal="implicit"), share_prompt=False)
     assert module.reference is None and accepts_logits_to_keep(module.model)
     perturb(module.model)  # the adapter moves: the disabled reference must not see it
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=3)
@@ -267,7 +268,7 @@ def test_reference_logits_are_freed_before_the_policy_forward() -> None:
     import weakref
 
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
-                              ama=AMASettings(enabled=True, token_signal="implicit"))
+                              ama=ADPOSettings(enabled=True, token_signal="implicit"))
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=11)
     reference_outputs: list[weakref.ref] = []
     alive_at_call: list[bool] = []

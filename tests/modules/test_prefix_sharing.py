@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import torch
 
+from equilibrate_pl.algorithms.ama import ADPOSettings
+from equilibrate_pl.models.forward import can_run_packed, pack_for
 from equilibrate_pl.modules.common import ModelSettings
-from equilibrate_pl.modules.preference import AMASettings, PreferenceModule
-from equilibrate_pl.modules.reward import can_run_packed
+from equilibrate_pl.modules.preference import PreferenceModule
 from tests.modules.test_preference import perturb
 from tests.modules.test_preference_logits import BETA, SUM_TOL, TOL, expected_loss, full_forward_logps, stacked
 
@@ -74,7 +75,7 @@ def grads(module: PreferenceModule, batch: dict[str, torch.Tensor]) -> tuple[tor
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_step_equals_full_forward_with_a_frozen_copy(attention: str) -> None:
-    module = PreferenceModule(beta=BETA, ama=AMASettings(enabled=True, token_signal="implicit"), length_groups=1)
+    module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="implicit"), length_groups=1)
     for model in (module.model, module.reference):
         model.set_attn_implementation(attention)
     assert module.share_prompt and can_run_packed(module.model)
@@ -82,7 +83,7 @@ def test_packed_step_equals_full_forward_with_a_frozen_copy(attention: str) -> N
     batch = shared_prompt_batch(module.tokenizer.pad_token_id, len(module.tokenizer))
     ids, attn, labels = stacked(batch, module.tokenizer.pad_token_id)
     pairs = module.stack(batch)
-    packed = module.pack(module.model, pairs)
+    packed = pack_for(module.model, pairs, module.tokenizer.pad_token_id)
     # The last common token opens both branches: prompt + shared response tokens - 1.
     assert packed is not None and packed.shared.tolist() == [spec[0] + spec[3] - 1 for spec in SPECS]
 
@@ -105,7 +106,7 @@ def test_packed_step_equals_full_forward_with_a_frozen_copy(attention: str) -> N
 
 def test_packed_gradients_equal_the_stacked_ones_with_lora() -> None:
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
-                              ama=AMASettings(enabled=True, token_signal="implicit"))
+                              ama=ADPOSettings(enabled=True, token_signal="implicit"))
     perturb(module.model)
     batch = shared_prompt_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=3)
     ids, attn, labels = stacked(batch, module.tokenizer.pad_token_id)
@@ -137,17 +138,17 @@ def test_models_that_cannot_take_the_packed_mask_run_stacked_rows() -> None:
     config = module.model.config
     # A sliding window narrower than the packed row would be lost under a custom 4-D mask.
     config.sliding_window = 4
-    assert module.pack(module.model, pairs) is None
+    assert pack_for(module.model, pairs, module.tokenizer.pad_token_id) is None
     shapes, hook = input_shapes(module.model)
     got = module.policy_token_logprobs(pairs)
     hook.remove()
     assert shapes == [tuple(ids.shape)]
     torch.testing.assert_close(got.double(), full_forward_logps(module.model, ids, attn, labels), **TOL)
     config.sliding_window = 10_000
-    assert module.pack(module.model, pairs) is not None
+    assert pack_for(module.model, pairs, module.tokenizer.pad_token_id) is not None
     # Attention kernels that take no 4-D mask (flash, flex) are never given one.
     config._attn_implementation = "flash_attention_2"
-    assert not can_run_packed(module.model) and module.pack(module.model, pairs) is None
+    assert not can_run_packed(module.model) and pack_for(module.model, pairs, module.tokenizer.pad_token_id) is None
 
 
 def test_several_processes_run_one_packed_forward(monkeypatch: pytest.MonkeyPatch) -> None:

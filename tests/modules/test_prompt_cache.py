@@ -2,7 +2,7 @@
 
 ``rollout.shared_prompt_forward`` against a plain full forward of every row (logits, hidden states,
 scalar-model scores, gradients), with left-padded prompts of different lengths; and
-``PolicyModule`` in GRPO mode with ``ppo.share_prompt_cache`` on and off: the same rollout
+``PolicyModule`` in GRPO mode with ``share_prompt`` on and off: the same rollout
 statistics and the same first-step gradients, with each prompt run once.
 """
 
@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import torch
 
+from equilibrate_pl.models.forward import can_share_prompt_cache, shared_prompt_forward
+from equilibrate_pl.models.scalar_head import position_ids_from_mask
 from equilibrate_pl.modules.policy import PolicyModule
-from equilibrate_pl.modules.rollout import Rollout, can_share_prompt_cache, position_ids_from_mask, shared_prompt_forward
+from equilibrate_pl.modules.rollout import Rollout
 from tests.modules.test_policy import PROMPTS, loader, make_trainer, prompt_batch, tiny_tokenizer_and_models
 
 K, P, R = 3, 7, 5
@@ -101,7 +103,7 @@ def test_prompt_group_needs_whole_blocks_of_one_prompt() -> None:
     other[1, P - 1] = other[0, P - 1] + 1
     assert module.prompt_group(Rollout(P, other, attn, attn[:, P:].bool(), rollout.truncated, rollout.groups),
                                torch.arange(2 * K)) == 1
-    module.ppo.share_prompt_cache = False
+    module.share_prompt = False
     assert module.prompt_group(rollout, torch.arange(2 * K)) == 1
 
 
@@ -120,7 +122,7 @@ def test_grpo_step_is_the_same_with_the_prompt_run_once() -> None:
         module = PolicyModule.from_models(
             actor, tok, rm, advantage="grpo", samples_per_prompt=2, seed=0, kl={"coef": 0.1},
             generation={"max_new_tokens": 5, "do_sample": True}, actor_optim={"lr": 5e-2, "scheduler": "constant"},
-            ppo={"minibatch_size": 8, "ppo_epochs": 1, "share_prompt_cache": share},
+            ppo={"minibatch_size": 8, "ppo_epochs": 1}, share_prompt=share,
             ama={"enabled": True, "token_signal": "dense_reward"},
         )
         rows: list[int] = []
@@ -185,3 +187,9 @@ def test_policy_metrics_reach_the_loggers_on_the_steps_lightning_writes(tmp_path
         assert {k for k in row if k != "epoch"} == set(expected)
         for key, value in expected.items():
             assert row[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, key)
+
+
+def test_the_old_setting_name_still_loads_with_a_warning() -> None:
+    with pytest.warns(FutureWarning, match="share_prompt_cache is now share_prompt"):
+        module = PolicyModule(ppo={"share_prompt_cache": False, "ppo_epochs": 1})
+    assert module.share_prompt is False and module.ppo.ppo_epochs == 1

@@ -15,8 +15,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from equilibrate_pl.algorithms.ama import ADPOSettings
 from equilibrate_pl.modules.common import AtomicCheckpointIO, ModelSettings, OptimSettings, RNGStateCallback
-from equilibrate_pl.modules.preference import AMASettings, PreferenceModule
+from equilibrate_pl.modules.preference import PreferenceModule
 
 MAX_STEPS = 6
 KILL_AT = 3
@@ -47,9 +48,9 @@ def _run(tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = No
     module = PreferenceModule(
         model=ModelSettings(lora={"r": 4, "alpha": 8, "dropout": 0.2}), reference="adapter_disabled",
         optim=OptimSettings(lr=5e-3, warmup_steps=1, scheduler="cosine"), beta=0.1,
-        ama=AMASettings(enabled=True, token_signal="implicit", baseline="batch_mean"),
+        ama=ADPOSettings(enabled=True, token_signal="implicit", baseline="batch_mean"),
     )
-    data = SafetyDataModule(stage="preference", world_size="tiny", batch_size=24, eval_batch_size=8, val_size=8,
+    data = SafetyDataModule(stage="preference", world_scale="tiny", batch_size=24, eval_batch_size=8, val_size=8,
                             max_length=80, max_prompt_length=40)
     losses = Losses()
     trainer = L.Trainer(

@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-from equilibrate_pl.modules.common import OptimSettings
 from equilibrate_pl.algorithms.rewards import bradley_terry_loss
+from equilibrate_pl.modules.common import OptimSettings
 from equilibrate_pl.modules.reward import RewardModule
 
 
@@ -83,7 +83,7 @@ def test_tiny_run_accuracy_above_chance(tmp_path: Path, equilibrate_cache: Path)
 
     L.seed_everything(0)
     module = RewardModule(optim=OptimSettings(lr=3e-3, warmup_steps=2))
-    data = SafetyDataModule(stage="preference", world_size="tiny", batch_size=16, eval_batch_size=32, val_size=32,
+    data = SafetyDataModule(stage="preference", world_scale="tiny", batch_size=16, eval_batch_size=32, val_size=32,
                             mix="all", max_length=96, max_prompt_length=48)
     trainer = L.Trainer(max_steps=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
+from equilibrate_pl.algorithms.prefix_sharing import group_rows_by_length, right_padded_lengths
+from equilibrate_pl.models.forward import is_causal_model, pack_for, stack_pairs
 from equilibrate_pl.modules.common import OptimSettings, step_is_logged
-from equilibrate_pl.modules.reward import RewardModule, group_rows_by_length, is_causal_model, right_padded_lengths, stack_pairs
+from equilibrate_pl.modules.reward import RewardModule
 
 GROUPS = ("EHD", "IHD", "MHD", "general")
 
@@ -146,7 +148,8 @@ def test_scores_match_per_row_loop_on_every_path(batches: list[dict[str, Any]]) 
 def test_loss_and_gradients_match_trl_formula_on_per_row_scores(batches: list[dict[str, Any]], groups: int, share_prompt: bool) -> None:
     module = fresh_module(length_groups=groups, share_prompt=share_prompt)
     batch = batches[1]
-    packed = module.pack(batch)
+    pad = module.tokenizer.pad_token_id
+    packed = pack_for(module.model, stack_pairs(batch, pad), pad) if share_prompt else None
     assert (packed is not None) == share_prompt
     if packed is not None:  # the built-in world's pairs share their prompt
         assert bool((packed.shared >= 4).all())

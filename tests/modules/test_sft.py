@@ -65,7 +65,7 @@ def test_tiny_run_lowers_validation_loss(tmp_path: Path, equilibrate_cache: Path
 
     L.seed_everything(0)
     module = SFTModule(optim=OptimSettings(lr=1e-2, warmup_steps=2))
-    data = SafetyDataModule(stage="sft", world_size="tiny", batch_size=16, eval_batch_size=32, val_size=16,
+    data = SafetyDataModule(stage="sft", world_scale="tiny", batch_size=16, eval_batch_size=32, val_size=16,
                             max_length=96, max_prompt_length=48)
     trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
