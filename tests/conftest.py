@@ -61,3 +61,20 @@ def equilibrate_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("equilibrate_cache")
     os.environ["EQUILIBRATE_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def implicit_model_dir(equilibrate_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A frozen pi* for ADPO's ``implicit`` token signal: the built-in tiny model with fixed weight
+    noise, saved with its tokenizer (its log-ratio to the tiny model is a non-trivial signal)."""
+    from equilibrate_pl.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("builtin:tiny")
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    path = tmp_path_factory.mktemp("implicit_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -168,8 +168,11 @@ class AMASettings:
         enabled: apply the mask.
         token_signal: where r_t comes from; each stage allows its own (:class:`APPOSettings`,
             :class:`ADPOSettings`): ``value`` (the critic's V_t), ``dense_reward`` (differences of a
-            reward model's prefix scores), ``implicit`` (beta*(log pi - log pi_ref) per token,
-            detached) or ``field`` (a per-token column of the data).
+            reward model's prefix scores), ``implicit`` (beta*(log pi* - log pi_ref) per token of a
+            FROZEN model pi*, never the policy being trained) or ``field`` (a per-token column of
+            the data). The signal must come from outside the loss it steers: a mask computed from
+            the trained policy's own log-ratio keeps exactly the tokens that moved the right way, so
+            any movement lowers the loss whatever the labels (docs/METHOD.md, section 3).
         baseline: ``zero`` or ``batch_mean`` (mean signal over every real response token of the
             batch; for ADPO chosen and rejected together).
     """
@@ -199,8 +202,10 @@ class APPOSettings(AMASettings):
 
 @dataclass
 class ADPOSettings(AMASettings):
-    """AMA for DPO: ``implicit``, ``dense_reward`` (needs a reward model) or ``field``."""
+    """AMA for DPO: ``dense_reward`` (the paper's: a reward model's token rewards; needs
+    ``reward_model``), ``implicit`` (a frozen DPO model's token rewards; needs ``implicit_model``)
+    or ``field``."""
 
     SIGNALS: ClassVar[tuple[str, ...]] = ("dense_reward", "implicit", "field")
 
-    token_signal: Literal["dense_reward", "implicit", "field"] = "implicit"
+    token_signal: Literal["dense_reward", "implicit", "field"] = "dense_reward"

@@ -118,7 +118,7 @@ def _model_paths(init_args: Any, prefix: str = "model.init_args") -> Iterable[tu
         name = f"{prefix}.{key}"
         if key == "name_or_path" and isinstance(value, str):
             yield name, value
-        elif key == "reward_model" and isinstance(value, str):
+        elif key in ("reward_model", "implicit_model") and isinstance(value, str):
             yield name, value
         elif hasattr(value, "items"):
             yield from _model_paths(value, name)

@@ -335,7 +335,7 @@ def _is_local(path: Any) -> bool:
 # any mapping holding a ``name_or_path``; ``reward_model`` may also be a plain path; LightningCLI
 # stores the module's class path under ``_class_path``.
 _CODE_FIELDS = ("name_or_path", "trust_remote_code")
-_PATH_KEYS = ("reward_model",)
+_PATH_KEYS = ("reward_model", "implicit_model")
 _CLASS_KEYS = ("_class_path", "_instantiator", "class_path")
 
 

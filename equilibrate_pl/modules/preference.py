@@ -4,9 +4,10 @@ One step, :meth:`PreferenceModule.compute_loss`, reads like a DPO recipe:
 
 1. :meth:`stack` — chosen rows then rejected rows, one (2B, L) batch;
 2. :meth:`reference_values` — the frozen side: reference log-probs (a frozen copy, or the policy
-   with its LoRA adapter disabled) and, for a dense-reward ADPO, the reward model's token signal;
-   from the :class:`~equilibrate_pl.modules.reference_cache.ReferenceCache` when
-   ``precompute_reference`` is on;
+   with its LoRA adapter disabled) and, for ADPO with a model-made signal, the token signal (a
+   reward model's dense rewards, or a frozen DPO model's implicit rewards); from the
+   :class:`~equilibrate_pl.modules.reference_cache.ReferenceCache` when ``precompute_reference``
+   is on. Every token signal is frozen: it never depends on the policy being trained;
 3. :meth:`policy_token_logprobs` — the policy's log-probs, with gradients;
 4. ADPO only: :meth:`compute_token_signal` (r_t per response token) and :meth:`compute_masks`
    (``algorithms.ama.adpo_masks``: chosen keeps r_t > b, rejected r_t < b);
@@ -57,6 +58,9 @@ from equilibrate_pl.modules.reference_cache import ReferenceCache, fingerprint, 
 
 log = logging.getLogger(__name__)
 
+# Frozen models a checkpoint does not store: they are reloaded from their paths.
+_FROZEN = ("reference", "reward_model", "implicit_model")
+
 
 class PreferenceModule(SingleModelHooks, LightningModule):
     """DPO / ADPO on preference batches (``chosen_*`` / ``rejected_*``, right padded).
@@ -75,7 +79,12 @@ class PreferenceModule(SingleModelHooks, LightningModule):
             ``adapter_disabled`` (the policy's base with its LoRA adapter switched off; needs
             ``model.lora``; no second copy in memory).
         reward_model: a saved scalar-head model (``equilibrate export`` of the RM stage); needed for
-            ``ama.token_signal: dense_reward``. Its tokenizer must match the policy's.
+            ``ama.token_signal: dense_reward`` (the default signal). Its tokenizer must match the
+            policy's. Train it with ``prefix_weight`` > 0 (the RM recipes do) so that its prefix
+            scores, whose differences are the token rewards, mean something.
+        implicit_model: a saved causal LM pi* (e.g. an earlier DPO run from the same starting model);
+            needed for ``ama.token_signal: implicit``, whose token signal is beta*(log pi*(y_t) -
+            log pi_ref(y_t)). Frozen: the policy being trained never provides its own signal.
         precompute_reference: compute reference log-probs (and dense rewards) for every train and
             validation row once before training and keep them on disk; the reference model is then
             not run in the training steps.
@@ -100,6 +109,7 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         ama: ADPOSettings | None = None,
         reference: Literal["copy", "adapter_disabled"] = "copy",
         reward_model: str | None = None,
+        implicit_model: str | None = None,
         precompute_reference: bool = False,
         cache_dir: str | None = None,
         max_nonfinite_steps: int = 3,
@@ -121,14 +131,20 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         uses_rm = self.ama.enabled and self.ama.token_signal == "dense_reward"
         if uses_rm and not reward_model:
             raise ValueError("ama.token_signal='dense_reward' needs reward_model: the path of a trained reward model")
+        uses_implicit = self.ama.enabled and self.ama.token_signal == "implicit"
+        if uses_implicit and not implicit_model:
+            raise ValueError(
+                "ama.token_signal='implicit' needs implicit_model: a frozen DPO model whose token rewards mark the key "
+                "tokens. The policy's own log-ratio cannot serve: a mask built from it keeps the tokens that already moved "
+                "the right way, so the loss falls whatever the labels (docs/METHOD.md)")
         if nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
         self.beta, self.label_smoothing, self.nll_weight = beta, label_smoothing, nll_weight
-        self.reference_mode, self.reward_model_path = reference, reward_model
+        self.reference_mode, self.reward_model_path, self.implicit_model_path = reference, reward_model, implicit_model
         self.precompute_reference, self.cache_dir = precompute_reference, cache_dir
         save_plain_hyperparameters(
             self, model=self.model_settings, optim=self.optim, beta=beta, label_smoothing=label_smoothing, nll_weight=nll_weight,
-            ama=self.ama, reference=reference, reward_model=reward_model,
+            ama=self.ama, reference=reference, reward_model=reward_model, implicit_model=implicit_model,
             precompute_reference=precompute_reference, cache_dir=cache_dir, max_nonfinite_steps=max_nonfinite_steps,
             share_prompt=share_prompt, length_groups=length_groups,
         )
@@ -146,6 +162,9 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         self.reward_model: torch.nn.Module | None = None
         if uses_rm:
             self.reward_model = self._load_reward_model(reward_model)  # type: ignore[arg-type]
+        self.implicit_model: torch.nn.Module | None = None
+        if uses_implicit:
+            self.implicit_model = self._load_implicit_model(implicit_model)  # type: ignore[arg-type]
         self.guard = NonFiniteGuard(max_nonfinite_steps)
         # The file is named in on_fit_start (it lives under the Trainer's root directory by default).
         self.reference_cache = ReferenceCache(self._frozen_values()) if precompute_reference else None
@@ -165,10 +184,16 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         check_tokenizers_match(self.tokenizer, reward_tokenizer, names=("policy", "reward model"))
         return freeze(reward_model)
 
+    def _load_implicit_model(self, path: str) -> torch.nn.Module:
+        s = self.model_settings
+        model, tokenizer = load_causal_lm(path, dtype=s.dtype, quant=s.quant, trust_remote_code=s.trust_remote_code)
+        check_tokenizers_match(self.tokenizer, tokenizer, names=("policy", "implicit model"))
+        return freeze(model)
+
     def train(self, mode: bool = True) -> "PreferenceModule":
         """Lightning puts the whole module in train mode; the frozen models stay in eval (no dropout)."""
         super().train(mode)
-        for frozen in (self.reference, self.reward_model):
+        for frozen in (self.reference, self.reward_model, self.implicit_model):
             if frozen is not None:
                 frozen.eval()
         return self
@@ -207,10 +232,20 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         dense = dense_rewards(scores, pairs["labels"] != IGNORE_INDEX)  # entry t: reward of token t
         return dense[:, 1:]  # -> entry t: reward of token t+1, like the log-probs
 
+    @torch.no_grad()
+    def implicit_signal(self, pairs: dict[str, torch.Tensor], reference_logps: torch.Tensor) -> torch.Tensor:
+        """(2B, L-1) the frozen model's implicit token rewards beta*(log pi* - log pi_ref)."""
+        if self.implicit_model is None:
+            raise RuntimeError("the implicit signal needs a frozen model (set implicit_model)")
+        return implicit_rewards(self.token_logprobs(self.implicit_model, pairs), reference_logps, self.beta)
+
+    def _model_signal(self) -> bool:
+        """Whether the token signal is computed by a frozen model (and so cached with the reference)."""
+        return self.ama.enabled and self.ama.token_signal in ("dense_reward", "implicit")
+
     def _frozen_values(self) -> tuple[str, ...]:
-        """What :meth:`reference_values` returns: always ``reference``; ``signal`` for dense-reward ADPO."""
-        dense = self.ama.enabled and self.ama.token_signal == "dense_reward"
-        return ("reference", "signal") if dense else ("reference",)
+        """What :meth:`reference_values` returns: always ``reference``; ``signal`` for a model-made token signal."""
+        return ("reference", "signal") if self._model_signal() else ("reference",)
 
     def reference_values(self, batch: dict[str, Any], pairs: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
         """``{"reference": (2B, L-1), "signal": (2B, L-1) for dense-reward ADPO}``: from the cache when
@@ -228,7 +263,8 @@ class PreferenceModule(SingleModelHooks, LightningModule):
     def _compute_frozen_values(self, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         values = {"reference": self.reference_token_logprobs(pairs)}
         if "signal" in self._frozen_values():
-            values["signal"] = self.dense_reward_signal(pairs)
+            dense = self.ama.token_signal == "dense_reward"
+            values["signal"] = self.dense_reward_signal(pairs) if dense else self.implicit_signal(pairs, values["reference"])
         return values
 
     def compute_token_signal(
@@ -237,14 +273,12 @@ class PreferenceModule(SingleModelHooks, LightningModule):
     ) -> torch.Tensor:
         """(2B, L-1) per-token signal r_t for the AMA mask; override to plug in your own.
 
-        ``precomputed`` is :meth:`reference_values`' result (``signal`` there is the dense reward)."""
-        kind = self.ama.token_signal
-        if kind == "implicit":
-            return implicit_rewards(policy_logps.detach(), reference_logps, self.beta)
-        if kind == "dense_reward":
-            if "signal" in precomputed:
-                return precomputed["signal"]
-            return self.dense_reward_signal(pairs)
+        ``precomputed`` is :meth:`reference_values`' result (``signal`` there is the frozen model's
+        signal: dense or implicit rewards). ``policy_logps`` is passed for overrides that need it; a
+        signal must not be derived from it (the mask would confirm itself, docs/METHOD.md).
+        """
+        if self.ama.token_signal in ("dense_reward", "implicit"):
+            return precomputed["signal"]
         if "token_signal" not in pairs:
             raise ValueError(
                 "ama.token_signal='field' but the batch has no chosen_token_signal / rejected_token_signal; "
@@ -298,11 +332,14 @@ class PreferenceModule(SingleModelHooks, LightningModule):
     def cache_fingerprint(self) -> str:
         """What the cached values depend on: the reference weights, the reward model, the signal kind."""
         s = self.model_settings
-        dense = "signal" in self._frozen_values()
+        dense = self._model_signal() and self.ama.token_signal == "dense_reward"
+        implicit = self._model_signal() and self.ama.token_signal == "implicit"
         return fingerprint({
             "policy": s.name_or_path, "weights": weights_id(s.name_or_path), "dtype": s.dtype, "quant": s.quant,
             "reference": self.reference_mode, "reward_model": self.reward_model_path if dense else None,
             "reward_weights": weights_id(self.reward_model_path) if dense else None, "vocab": len(self.tokenizer),
+            **({"implicit_model": self.implicit_model_path, "implicit_weights": weights_id(self.implicit_model_path),
+                "beta": self.beta} if implicit else {}),
         })
 
     def cache_path(self) -> Path:
@@ -397,11 +434,11 @@ class PreferenceModule(SingleModelHooks, LightningModule):
         self._log_stats("val", batch, loss, stats)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Only the trained policy: the frozen reference and reward model are reloaded from their paths."""
+        """Only the trained policy: the frozen reference, reward and implicit models are reloaded from their paths."""
         state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
-        return {k: v for k, v in state.items() if not k.startswith((f"{prefix}reference.", f"{prefix}reward_model."))}
+        return {k: v for k, v in state.items() if not k.startswith(tuple(f"{prefix}{name}." for name in _FROZEN))}
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        own = {k: v for k, v in super().state_dict().items() if k.startswith(("reference.", "reward_model."))}
+        own = {k: v for k, v in super().state_dict().items() if k.startswith(tuple(f"{name}." for name in _FROZEN))}
         return super().load_state_dict({**own, **state_dict}, strict=strict, assign=assign)

@@ -90,3 +90,27 @@ def test_mask_on_the_first_position_raises() -> None:
 def test_shape_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="shape"):
         dense_rewards(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_value_positions_add_the_prompts_last_token() -> None:
+    from equilibrate_pl.algorithms.rewards import value_positions
+
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    want = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(value_positions(mask), want)
+
+
+def test_prefix_value_loss_by_hand() -> None:
+    from equilibrate_pl.algorithms.rewards import prefix_value_loss
+
+    scores = torch.tensor([[9.0, 1.0, 2.0, 4.0, 7.0], [5.0, 0.0, 3.0, -1.0, 8.0]], requires_grad=True)
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    final = torch.tensor([4.0, 8.0])
+    loss = prefix_value_loss(scores, mask, final)
+    # row 0: positions 1, 2, 3 (prompt end + two response tokens) against 4: (9 + 4 + 0) / 3; row 1: no response
+    torch.testing.assert_close(loss, torch.tensor([13.0 / 3.0, 0.0]))
+    loss.sum().backward()
+    torch.testing.assert_close(scores.grad, torch.tensor([[0.0, -2.0, -4.0 / 3.0, 0.0, 0.0], [0.0] * 5]))
+    final_grad = torch.tensor([4.0, 8.0], requires_grad=True)
+    prefix_value_loss(scores.detach(), mask, final_grad).sum().backward()
+    assert final_grad.grad is None or not final_grad.grad.any()  # the target is detached

@@ -85,7 +85,7 @@ def loop_dpo(module: PreferenceModule, batch: dict[str, Any], signals: dict[str,
                     t[("reference", "rejected")], BETA).mean()
 
 
-def test_ama_disabled_is_exactly_dpo(records: list[dict[str, Any]]) -> None:
+def test_ama_disabled_is_exactly_dpo(records: list[dict[str, Any]], implicit_model_dir: str) -> None:
     module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=False))
     perturb(module.model)
     batch = make_batch(module, records)
@@ -97,18 +97,19 @@ def test_ama_disabled_is_exactly_dpo(records: list[dict[str, Any]]) -> None:
         def compute_masks(self, signal, token_mask):
             return token_mask, torch.zeros(token_mask.shape[0], dtype=torch.bool)
 
-    adpo = KeepAll(beta=BETA, ama=ADPOSettings(enabled=True))
+    adpo = KeepAll(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="implicit"), implicit_model=implicit_model_dir)
     adpo.model.load_state_dict(module.model.state_dict())
     torch.testing.assert_close(adpo.compute_loss(batch)[0], loss, rtol=0, atol=0)
 
 
-def test_nll_weight_adds_the_chosen_token_mean_nll(records: list[dict[str, Any]]) -> None:
+def test_nll_weight_adds_the_chosen_token_mean_nll(records: list[dict[str, Any]], implicit_model_dir: str) -> None:
     """RPO: loss = DPO + w * (mean over chosen tokens of -log p), per row, all chosen tokens."""
-    module = PreferenceModule(beta=BETA, nll_weight=0.7, ama=ADPOSettings(enabled=True, token_signal="implicit"))
+    adpo = ADPOSettings(enabled=True, token_signal="implicit")
+    module = PreferenceModule(beta=BETA, nll_weight=0.7, ama=adpo, implicit_model=implicit_model_dir)
     perturb(module.model)
     batch = make_batch(module, records)
     loss, stats = module.compute_loss(batch)
-    plain = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="implicit"))
+    plain = PreferenceModule(beta=BETA, ama=adpo, implicit_model=implicit_model_dir)
     plain.model.load_state_dict(module.model.state_dict())
     ids, labels, mask = (batch[f"chosen_{k}"] for k in ("input_ids", "labels", "attention_mask"))
     nll = torch.tensor([-sum(row.values()) / len(row) for row in loop_token_logps(module.model, ids, labels, mask)])
@@ -257,10 +258,11 @@ def test_nonfinite_loss_is_skipped_then_stops(tmp_path: Path, equilibrate_cache:
 
 
 @pytest.mark.parametrize("ama", [False, True], ids=["dpo", "adpo"])
-def test_tiny_run_grows_the_validation_margin(ama: bool, tmp_path: Path, equilibrate_cache: Path) -> None:
+def test_tiny_run_grows_the_validation_margin(ama: bool, tmp_path: Path, equilibrate_cache: Path, implicit_model_dir: str) -> None:
     L.seed_everything(0)
     module = PreferenceModule(optim=OptimSettings(lr=1e-3, warmup_steps=2), beta=0.1,
-                              ama=ADPOSettings(enabled=ama, baseline="batch_mean"), precompute_reference=ama)
+                              ama=ADPOSettings(enabled=ama, token_signal="implicit", baseline="batch_mean"),
+                              implicit_model=implicit_model_dir, precompute_reference=ama)
     data = _world_data()
     trainer = _trainer(tmp_path, 16, val_check_interval=16, check_val_every_n_epoch=None)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
@@ -309,7 +311,9 @@ def test_one_adpo_step_on_smollm2_with_lora(equilibrate_cache: Path) -> None:
     module = PreferenceModule(
         model=ModelSettings(name_or_path="builtin:smollm2", lora={"r": 16, "alpha": 32}),
         reference="adapter_disabled", optim=OptimSettings(lr=1e-4), beta=0.1,
-        ama=ADPOSettings(enabled=True, token_signal="implicit", baseline="batch_mean"),
+        # pi* = the start itself: a zero signal (every row falls back to its full mask); this test
+        # measures the step's time and memory with the signal model loaded.
+        ama=ADPOSettings(enabled=True, token_signal="implicit", baseline="batch_mean"), implicit_model="builtin:smollm2",
     )
     records = build_world(seed=0, size="tiny").preference_records("train")[:4]
     batch = build_collator("preference", module.tokenizer, max_length=256, max_prompt_length=128).collate_records(records)
@@ -331,3 +335,31 @@ def test_one_adpo_step_on_smollm2_with_lora(equilibrate_cache: Path) -> None:
           f"RSS after loading {loaded_mib:.0f} MiB, peak RSS during the steps {peak_mib:.0f} MiB, kept chosen {float(stats['kept_chosen']):.2f} rejected {float(stats['kept_rejected']):.2f}")
     assert torch.isfinite(loss)
     assert any(not torch.equal(p.detach(), lora_before[n]) for n, p in module.model.named_parameters() if p.requires_grad)
+
+
+def test_adpo_signals_are_frozen_models_or_data(records: list[dict[str, Any]], implicit_model_dir: str, tmp_path: Path) -> None:
+    """The default signal is the reward model's dense rewards; `implicit` needs a frozen model and says
+    why; the frozen model's signal is cached with the reference and equals the live computation."""
+    assert ADPOSettings().token_signal == "dense_reward"
+    with pytest.raises(ValueError, match="needs reward_model"):
+        PreferenceModule(ama=ADPOSettings(enabled=True))
+    with pytest.raises(ValueError, match="needs implicit_model.*whatever the labels"):
+        PreferenceModule(ama=ADPOSettings(enabled=True, token_signal="implicit"))
+    adpo = ADPOSettings(enabled=True, token_signal="implicit")
+    live = PreferenceModule(beta=BETA, ama=adpo, implicit_model=implicit_model_dir)
+    cached = PreferenceModule(beta=BETA, ama=adpo, implicit_model=implicit_model_dir, precompute_reference=True,
+                              cache_dir=str(tmp_path))
+    perturb(live.model)
+    cached.model.load_state_dict(live.model.state_dict())
+    batch = make_batch(live, records)
+    batch["index"] = torch.arange(len(records))
+    first = cached.compute_loss(batch)[0]  # computes and stores the frozen values
+    pairs = cached.stack(batch)
+    stored = cached.reference_cache.lookup(batch, pairs, "train")
+    assert stored is not None and set(stored) == {"reference", "signal"}
+    torch.testing.assert_close(cached.compute_loss(batch)[0], first)  # from the cache
+    torch.testing.assert_close(live.compute_loss(batch)[0], first, rtol=1e-5, atol=1e-6)
+    # the signal is the frozen model's log-ratio to the reference, whatever the policy does
+    expected = BETA * (live.token_logprobs(live.implicit_model, pairs) - live.reference_token_logprobs(pairs))
+    torch.testing.assert_close(stored["signal"], expected.detach(), rtol=1e-5, atol=1e-6)
+    assert "implicit_model." not in " ".join(live.state_dict())  # frozen models are not checkpointed

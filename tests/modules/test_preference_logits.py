@@ -92,8 +92,8 @@ def expected_loss(module: PreferenceModule, batch: dict[str, torch.Tensor], refe
     ref = reference(ids, attn, labels)
     scored = labels[:, 1:] != -100
     keep = scored.clone()
-    if ama == "implicit":
-        signal = BETA * (pol - ref)
+    if ama == "implicit":  # a frozen pi*'s log-ratio to the reference, never the policy's own
+        signal = BETA * (full_forward_logps(module.implicit_model, ids, attn, labels) - ref)
         b = len(SPECS)
         for i in range(2 * b):
             row = scored[i] & ((signal[i] > 0) if i < b else (signal[i] < 0))
@@ -138,11 +138,11 @@ def test_gradient_matches_autograd_log_softmax() -> None:
 
 
 @pytest.mark.parametrize("ama", [None, "implicit"], ids=["dpo", "adpo-implicit"])
-def test_sliced_step_equals_full_forward_with_a_frozen_copy(ama: str | None) -> None:
+def test_sliced_step_equals_full_forward_with_a_frozen_copy(ama: str | None, implicit_model_dir: str) -> None:
     # The stacked path (chosen and rejected as separate rows); tests/modules/test_prefix_sharing.py
     # checks the packed one against the same full forward.
     module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=ama is not None, token_signal=ama or "implicit"),
-                              share_prompt=False)
+                              implicit_model=implicit_model_dir, share_prompt=False)
     assert module.reference is not None and accepts_logits_to_keep(module.model)
     perturb(module.model)
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer))
@@ -169,15 +169,16 @@ def test_sliced_step_equals_full_forward_with_a_frozen_copy(ama: str | None) -> 
     want, keep = expected_loss(module, batch, lambda i, a, lab: full_forward_logps(module.reference, i, a, lab), ama)
     torch.testing.assert_close(loss.double(), want, **TOL)
     if ama:
-        signal = module.compute_token_signal(batch, pairs, policy, reference, {})
+        signal = module.compute_token_signal(batch, pairs, policy, reference, module.reference_values(batch, pairs, "train"))
         got_keep, _ = module.compute_masks(signal, pairs["labels"][:, 1:] != -100)
         assert torch.equal(got_keep.bool(), keep)
         assert 0.0 < float(stats["kept_chosen"]) < 1.0  # the mask really selects tokens
 
 
-def test_sliced_step_equals_full_forward_with_lora_and_the_adapter_disabled() -> None:
+def test_sliced_step_equals_full_forward_with_lora_and_the_adapter_disabled(implicit_model_dir: str) -> None:
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
-                              ama=ADPOSettings(enabled=True, token_signal="implicit"), share_prompt=False)
+                              ama=ADPOSettings(enabled=True, token_signal="implicit"), implicit_model=implicit_model_dir,
+                              share_prompt=False)
     assert module.reference is None and accepts_logits_to_keep(module.model)
     perturb(module.model)  # the adapter moves: the disabled reference must not see it
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=3)
@@ -264,11 +265,11 @@ def test_left_padded_rows_keep_the_same_window() -> None:
     torch.testing.assert_close(got.double(), full_forward_logps(module.model, *left), **TOL)
 
 
-def test_reference_logits_are_freed_before_the_policy_forward() -> None:
+def test_reference_logits_are_freed_before_the_policy_forward(implicit_model_dir: str) -> None:
     import weakref
 
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
-                              ama=ADPOSettings(enabled=True, token_signal="implicit"))
+                              ama=ADPOSettings(enabled=True, token_signal="implicit"), implicit_model=implicit_model_dir)
     batch = ragged_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=11)
     reference_outputs: list[weakref.ref] = []
     alive_at_call: list[bool] = []

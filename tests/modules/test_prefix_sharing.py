@@ -74,9 +74,10 @@ def grads(module: PreferenceModule, batch: dict[str, torch.Tensor]) -> tuple[tor
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_step_equals_full_forward_with_a_frozen_copy(attention: str) -> None:
-    module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="implicit"), length_groups=1)
-    for model in (module.model, module.reference):
+def test_packed_step_equals_full_forward_with_a_frozen_copy(attention: str, implicit_model_dir: str) -> None:
+    module = PreferenceModule(beta=BETA, ama=ADPOSettings(enabled=True, token_signal="implicit"), length_groups=1,
+                              implicit_model=implicit_model_dir)
+    for model in (module.model, module.reference, module.implicit_model):
         model.set_attn_implementation(attention)
     assert module.share_prompt and can_run_packed(module.model)
     perturb(module.model)
@@ -104,9 +105,9 @@ def test_packed_step_equals_full_forward_with_a_frozen_copy(attention: str) -> N
     torch.testing.assert_close(loss.double(), want, **TOL)
 
 
-def test_packed_gradients_equal_the_stacked_ones_with_lora() -> None:
+def test_packed_gradients_equal_the_stacked_ones_with_lora(implicit_model_dir: str) -> None:
     module = PreferenceModule(model=ModelSettings(lora={"r": 4, "alpha": 8}), reference="adapter_disabled", beta=BETA,
-                              ama=ADPOSettings(enabled=True, token_signal="implicit"))
+                              ama=ADPOSettings(enabled=True, token_signal="implicit"), implicit_model=implicit_model_dir)
     perturb(module.model)
     batch = shared_prompt_batch(module.tokenizer.pad_token_id, len(module.tokenizer), seed=3)
     ids, attn, labels = stacked(batch, module.tokenizer.pad_token_id)

@@ -41,14 +41,14 @@ class Losses(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def _run(tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = None) -> tuple[PreferenceModule, Losses]:
+def _run(tmp_path: Path, callbacks: list[L.Callback], implicit_model: str, ckpt_path: str | None = None) -> tuple[PreferenceModule, Losses]:
     from equilibrate_pl.data import SafetyDataModule
 
     L.seed_everything(0)
     module = PreferenceModule(
         model=ModelSettings(lora={"r": 4, "alpha": 8, "dropout": 0.2}), reference="adapter_disabled",
         optim=OptimSettings(lr=5e-3, warmup_steps=1, scheduler="cosine"), beta=0.1,
-        ama=ADPOSettings(enabled=True, token_signal="implicit", baseline="batch_mean"),
+        ama=ADPOSettings(enabled=True, token_signal="implicit", baseline="batch_mean"), implicit_model=implicit_model,
     )
     data = SafetyDataModule(stage="preference", world_scale="tiny", batch_size=24, eval_batch_size=8, val_size=8,
                             max_length=80, max_prompt_length=40)
@@ -67,16 +67,16 @@ def _run(tmp_path: Path, callbacks: list[L.Callback], ckpt_path: str | None = No
     return module, losses
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path: Path, equilibrate_cache: Path) -> None:
-    full, full_losses = _run(tmp_path / "full", [])
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path: Path, equilibrate_cache: Path, implicit_model_dir: str) -> None:
+    full, full_losses = _run(tmp_path / "full", [], implicit_model_dir)
     assert sorted(full_losses.losses) == list(range(1, MAX_STEPS + 1))
 
-    killed, killed_losses = _run(tmp_path / "killed", [KillAt()])
+    killed, killed_losses = _run(tmp_path / "killed", [KillAt()], implicit_model_dir)
     assert max(killed_losses.losses) == KILL_AT  # it really stopped early
     last = tmp_path / "killed" / "ckpt" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == KILL_AT  # loads with weights_only=True
 
-    resumed, resumed_losses = _run(tmp_path / "killed", [], ckpt_path=str(last))
+    resumed, resumed_losses = _run(tmp_path / "killed", [], implicit_model_dir, ckpt_path=str(last))
     assert sorted(resumed_losses.losses) == list(range(KILL_AT + 1, MAX_STEPS + 1))
     for step in range(1, KILL_AT + 1):
         assert killed_losses.losses[step] == pytest.approx(full_losses.losses[step], abs=1e-6)

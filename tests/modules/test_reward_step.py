@@ -73,6 +73,7 @@ def batches(equilibrate_cache: Any) -> list[dict[str, Any]]:
 
 def fresh_module(**kwargs: Any) -> RewardModule:
     L.seed_everything(0)
+    kwargs.setdefault("prefix_weight", 0.0)  # the packed/grouped pair scoring (prefix-value training runs stacked rows)
     return RewardModule(optim=OptimSettings(lr=1e-2, scheduler="constant"), **kwargs)
 
 
