@@ -139,7 +139,7 @@ class SafetyDataModule(LightningDataModule):
         categorizer: ``None`` keeps the groups in the data; ``labels`` | ``rules`` |
             ``classifier`` | ``judge`` re-categorizes every safety row (``data.fdc``).
         categorizer_args: keyword arguments of ``data.fdc.build_categorizer``.
-        mix: ``ratio`` | ``quota`` | ``all`` (``data.mixing.mix``) or ``naive``
+        mix: ``ratio`` | ``quota`` | ``all`` | ``sorted`` (``data.mixing.mix``) or ``naive``
             (``data.mixing.naive``: unsorted safety rows at ``naive_scale`` x the FDC budget).
         ratios: general rows per ONE safety row of each group (default EHD 25, IHD 75, MHD 150).
         quotas: rows per safety group for ``mix="quota"`` (default 10000 / 3000 / 1000).
@@ -167,7 +167,7 @@ class SafetyDataModule(LightningDataModule):
         world_seed: int = 0,
         categorizer: str | None = None,
         categorizer_args: dict[str, Any] | None = None,
-        mix: Literal["ratio", "quota", "all", "naive"] = "ratio",
+        mix: Literal["ratio", "quota", "all", "sorted", "naive"] = "ratio",
         ratios: dict[str, float] | None = None,
         quotas: dict[str, int] | None = None,
         naive_scale: float = 1.0,
@@ -190,8 +190,8 @@ class SafetyDataModule(LightningDataModule):
             world_scale = world_size
         if stage not in ("sft", "preference", "prompt"):
             raise ValueError(f"stage must be 'sft', 'preference' or 'prompt', got {stage!r}")
-        if mix not in ("ratio", "quota", "all", "naive"):
-            raise ValueError(f"mix must be 'ratio', 'quota', 'all' or 'naive', got {mix!r}")
+        if mix not in ("ratio", "quota", "all", "sorted", "naive"):
+            raise ValueError(f"mix must be 'ratio', 'quota', 'all', 'sorted' or 'naive', got {mix!r}")
         if batch_size < 1 or eval_batch_size < 1 or val_size < 0 or num_workers < 0:
             raise ValueError("batch sizes must be >= 1, val_size and num_workers >= 0")
         self.general = [s if isinstance(s, DataSource) else DataSource(**s) for s in general or []]
@@ -446,6 +446,7 @@ class SafetyDataModule(LightningDataModule):
             + ", ".join(f"{g} {r:g}" for g, r in (self.ratios or mixing.DEFAULT_RATIOS).items()) + ")",
             "quota": "quota (" + ", ".join(f"{g} {q}" for g, q in (self.quotas or mixing.DEFAULT_QUOTAS).items()) + ")",
             "all": "all rows",
+            "sorted": "every row of the harmful groups (rows categorized general left out)",
             "naive": f"naive (unsorted safety rows, {self.naive_scale:g} x the FDC ratio budget)",
         }[self.mix_mode]
         val_counts = Counter(r["group"] for r in self.val_records)

@@ -156,8 +156,9 @@ def _flatten(patterns: Mapping[str, Sequence[str]] | Sequence[str]) -> list[str]
 def build_categorizer(method: str, **kwargs: Any) -> Categorizer:
     """Build a categorizer by name: ``labels`` | ``rules`` | ``classifier`` | ``judge``.
 
-    ``classifier`` with ``path=DIR`` loads a saved :class:`~equilibrate_pl.data.fdc_classifier.ClassifierCategorizer`;
-    other keyword arguments go to the class's constructor.
+    ``classifier`` with ``path=DIR`` loads a saved :class:`~equilibrate_pl.data.fdc_classifier.ClassifierCategorizer`
+    (``path="builtin:world"``: the built-in world's, trained on first use on another draw of the
+    world and cached); other keyword arguments go to the class's constructor.
     """
     if method == "labels":
         return LabelCategorizer(**kwargs)
@@ -167,6 +168,10 @@ def build_categorizer(method: str, **kwargs: Any) -> Categorizer:
         from equilibrate_pl.data.fdc_classifier import ClassifierCategorizer
 
         path = kwargs.pop("path", None)
+        if path == "builtin:world":  # the built-in world's classifier, trained on another draw and cached
+            from equilibrate_pl.data.fdc_classifier import world_classifier_dir
+
+            path = world_classifier_dir()
         return ClassifierCategorizer.load(path, **kwargs) if path is not None else ClassifierCategorizer(**kwargs)
     if method == "judge":
         from equilibrate_pl.data.fdc_judge import JudgeCategorizer

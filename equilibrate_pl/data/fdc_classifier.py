@@ -296,3 +296,65 @@ class ClassifierCategorizer(Categorizer):
         self.head.eval()
         self.trained = True
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in world's classifier: labelled prompts from another draw of the world
+
+BUILTIN_WORLD = "builtin:world"
+WORLD_CLASSIFIER_VERSION = 1
+# The labelled draw the built-in classifier learns from: another seed than any world the
+# experiments train on, so the pool it sorts is never its training data.
+WORLD_CLASSIFIER_SEED = 1000
+
+
+def _world_fingerprint() -> str:
+    import hashlib
+
+    from equilibrate_pl.data import world
+
+    digest = hashlib.sha256()
+    for module_file in (__file__, world.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def world_classifier_dir(cache_dir: str | os.PathLike | None = None, per_group: int = 200,
+                         seed: int = WORLD_CLASSIFIER_SEED) -> Path:
+    """A :class:`ClassifierCategorizer` for the built-in world, trained on first use and cached.
+
+    It learns from ``per_group`` prompts of each group (benign look-alikes among the general ones)
+    of ``build_world(seed)``'s train split: a small hand-labelled sample of the kind a team would
+    label before sorting a large safety set. Cached under ``$EQUILIBRATE_CACHE`` (default
+    ``~/.cache/equilibrate``) by version, seed, size and a hash of this module and the world's;
+    concurrent callers race safely (build aside, rename into place).
+    """
+    import random
+
+    from equilibrate_pl.data.tokenizer import default_cache_dir
+    from equilibrate_pl.data.world import build_world
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / f"fdc-classifier-world-v{WORLD_CLASSIFIER_VERSION}-seed{seed}-n{per_group}-{_world_fingerprint()}"
+    if (target / CONFIG_NAME).is_file():
+        return target
+    prompts = build_world(seed=seed, size="default").prompts("train")
+    rng = random.Random(f"{seed}:classifier")
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for record in prompts:
+        by_group.setdefault(record["group"], []).append(record)
+    sample = [r for group in sorted(by_group) for r in rng.sample(by_group[group], min(per_group, len(by_group[group])))]
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
+    try:
+        categorizer = ClassifierCategorizer()
+        categorizer.train(sample, epochs=60, seed=seed)
+        built = categorizer.save(tmp / "classifier")
+        try:
+            os.rename(built, target)  # atomic; fails if another process got there first
+        except OSError:
+            if not (target / CONFIG_NAME).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

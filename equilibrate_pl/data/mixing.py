@@ -9,6 +9,9 @@ Modes (docs/METHOD.md section 2, docs/DATA.md):
   draft (EHD 1:20-1:30, IHD 1:50-1:100, MHD 1:100-1:200; we take the middle of each range).
 - ``quota``: absolute counts per group (the paper's best mix: 10k EHD, 3k IHD, 1k MHD).
 - ``all``: every row of both pools.
+- ``sorted``: every general row and every safety row of the three harmful groups; safety rows a
+  categorizer cleared as ``general`` (benign look-alikes in a safety set) are left out, with a
+  note. What a reward model trained on FDC-sorted data sees.
 - :func:`naive`: unsorted safety rows drawn uniformly, ignoring groups (the baseline arm that
   "just adds more safety data").
 
@@ -29,7 +32,7 @@ from typing import Any, Literal, Mapping, Sequence
 from equilibrate_pl.data.schema import SAFETY_GROUPS, Group
 
 Record = dict[str, Any]
-MixMode = Literal["ratio", "quota", "all"]
+MixMode = Literal["ratio", "quota", "all", "sorted"]
 
 # General rows per ONE safety row of the group: middle of the ranges in the paper's draft.
 DEFAULT_RATIOS: dict[str, float] = {"EHD": 25.0, "IHD": 75.0, "MHD": 150.0}
@@ -133,7 +136,7 @@ def requested_counts(
     ratios: Mapping[str, float] | None = None,
     quotas: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
-    """Safety rows each group asks for under ``mode`` (``all`` has no request: empty dict)."""
+    """Safety rows each group asks for under ``mode`` (``all`` and ``sorted`` have no request: empty dict)."""
     if mode == "ratio":
         ratios = dict(DEFAULT_RATIOS if ratios is None else ratios)
         out = {}
@@ -156,9 +159,9 @@ def requested_counts(
                 raise ValueError(f"quotas[{group!r}] must be a non-negative integer, got {q}")
             out[name] = int(q)
         return out
-    if mode == "all":
+    if mode in ("all", "sorted"):
         return {}
-    raise ValueError(f"unknown mix mode {mode!r}; expected 'ratio', 'quota' or 'all'")
+    raise ValueError(f"unknown mix mode {mode!r}; expected 'ratio', 'quota', 'all' or 'sorted'")
 
 
 def mix(
@@ -177,8 +180,9 @@ def mix(
         general: helpfulness records (all of them are used).
         safety: safety records with a ``group`` field (labelled or categorized upstream).
             Rows whose group is ``general`` (benign look-alikes the categorizer cleared) are
-            not a safety group: ``ratio``/``quota`` leave them out with a note, ``all`` keeps them.
-        mode: ``ratio``, ``quota`` or ``all`` (see the module docstring).
+            not a safety group: ``ratio``/``quota``/``sorted`` leave them out with a note, ``all``
+            keeps them.
+        mode: ``ratio``, ``quota``, ``all`` or ``sorted`` (see the module docstring).
         ratios: general rows per ONE safety row of each group (default :data:`DEFAULT_RATIOS`).
         quotas: absolute rows per group (default :data:`DEFAULT_QUOTAS`).
         replacement: upsample a group that has fewer rows than requested (each row once, the
@@ -200,6 +204,13 @@ def mix(
     if mode == "all":
         for name in sorted(pools, key=_group_order):
             chosen.extend(pools[name])
+    elif mode == "sorted":
+        for name in sorted(pools, key=_group_order):
+            if name == Group.GENERAL.value:
+                notes.append(f"{len(pools[name])} safety rows labelled 'general' not mixed: mode 'sorted' takes the "
+                             f"harmful groups {list(_SAFETY_NAMES)}")
+            else:
+                chosen.extend(pools[name])
     else:
         for name in sorted(requested, key=_group_order):
             rows = pools.get(name, [])

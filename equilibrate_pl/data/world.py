@@ -559,9 +559,11 @@ class World:
 
     # -- records -----------------------------------------------------------------------------
     def prompts(self, split: str, groups: Iterable[str | Group] | None = None) -> list[dict[str, Any]]:
-        """Prompt records (`id`, `prompt`, `group`, `source`, `meta`)."""
+        """Prompt records (`id`, `prompt`, `group`, `source`, `meta`); a benign prompt's `meta.reference`
+        is its helpful answer (what `eval` checks task success against)."""
         return [
-            {"id": ex.id, "prompt": ex.prompt, "group": ex.group, "source": SOURCE, "meta": ex.meta()}
+            {"id": ex.id, "prompt": ex.prompt, "group": ex.group, "source": SOURCE,
+             "meta": ex.meta(**({"reference": ex.helpful} if ex.ideal == "help" else {}))}
             for ex in self._select(split, groups)
         ]
 

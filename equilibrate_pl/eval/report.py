@@ -46,6 +46,7 @@ from equilibrate_pl.eval.metrics import (
     OverRefusalRate,
     RefusalRate,
     SafetyRate,
+    task_success,
 )
 from equilibrate_pl.eval.refusal import RefusalDetector, RuleRefusalDetector, get_detector
 from equilibrate_pl.eval.suites import Suite, load_suite
@@ -65,6 +66,7 @@ METRIC_NAMES: tuple[tuple[str, str], ...] = (
     *((f"over_refusal_rate/{g}", f"over-refusal {g}") for g in GROUP_NAMES),
     ("over_refusal_rate", "over-refusal (all benign)"),
     ("helpfulness", "helpfulness (mean reward, benign)"),
+    ("task_success", "task success (benign, checkable answer)"),
     ("win_rate", "win rate vs reference"),
     ("balance", "balance (harmonic mean)"),
 )
@@ -229,6 +231,9 @@ def _metrics_for(rows: list[dict[str, Any]], helpful: list[float] | None, refere
         for g, v in metric.compute().items():
             metrics[prefix if g == OVERALL else f"{prefix}/{g}"] = float(v)
     metrics["balance"] = float(balance.compute())
+    checkable = [r for r in rows if not r["harmful"] and r.get("reference")]
+    metrics["task_success"] = task_success([r["response"] for r in checkable], [r["reference"] for r in checkable],
+                                           [str(r["prompt"]) for r in checkable], [r["refused"] for r in checkable])
     metrics["helpfulness"] = metrics["win_rate"] = math.nan
     if helpful is not None and helpful:
         h = Helpfulness()
@@ -415,7 +420,8 @@ def evaluate_models(
         per_model_stats[name] = {k: v - before[k] for k, v in judge.stats().items()}
         all_rows[name] = [
             {"id": it.id, "prompt": it.prompt, "group": it.group, "harmful": it.harmful, "response": resp,
-             "refused": bool(ref), "verdict": {"safe": v.safe, "score": v.score, "label": v.label, "raw": v.raw}}
+             "refused": bool(ref), "verdict": {"safe": v.safe, "score": v.score, "label": v.label, "raw": v.raw},
+             **({"reference": it.meta["reference"]} if (it.meta or {}).get("reference") else {})}
             for it, resp, ref, v in zip(suite.items, responses, refused, verdicts)
         ]
         if helpfulness_fn is not None and benign_idx:

@@ -274,8 +274,8 @@ def test_built_from_yaml_with_jsonargparse(tmp_path):
     assert isinstance(dm, SafetyDataModule) and dm.stage_kind == "sft"
     assert dm.general == [DataSource(path="g.jsonl", kind="preference")]
     assert dm.safety[0].preset == "beavertails-fdc" and dm.quotas == {"EHD": 10, "IHD": 3, "MHD": 1}
-    with pytest.raises(Exception, match="Literal\\['ratio', 'quota', 'all', 'naive'\\]"):
-        parser.parse_string("data: {class_path: equilibrate_pl.data.SafetyDataModule, init_args: {mix: sorted}}")
+    with pytest.raises(Exception, match="Literal\\['ratio', 'quota', 'all', 'sorted', 'naive'\\]"):
+        parser.parse_string("data: {class_path: equilibrate_pl.data.SafetyDataModule, init_args: {mix: shuffled}}")
 
 
 def test_real_fdc_labelled_prompts_as_safety_data(shared_data, equilibrate_cache):

@@ -170,3 +170,14 @@ def test_naive_draws_scale_times_the_fdc_budget(n_general, scale, seed):
     assert len(drawn) == min(len(safety), int(scale * naive_base(n_general) + 0.5))
     assert len({r["id"] for r in drawn}) == len(drawn)
     assert ids(res) == ids(again)
+
+
+def test_sorted_takes_every_harmful_row_and_leaves_cleared_lookalikes_out():
+    general, safety = make_pools(10, {"EHD": 4, "IHD": 3, "MHD": 2})
+    cleared = [{"id": f"look{i}", "prompt": f"kill a zombie process {i}", "group": "general"} for i in range(5)]
+    res = mix(general, safety + cleared, mode="sorted", seed=0)
+    assert res.counts == {"general": 10, "EHD": 4, "IHD": 3, "MHD": 2}
+    assert not any(i.startswith("look") for i in ids(res))
+    assert res.notes == ["5 safety rows labelled 'general' not mixed: mode 'sorted' takes the harmful groups ['EHD', 'IHD', 'MHD']"]
+    kept_all = mix(general, safety + cleared, mode="all", seed=0)  # 'all' keeps them, as documented
+    assert sum(i.startswith("look") for i in ids(kept_all)) == 5

@@ -116,3 +116,22 @@ def test_metrics_sync_across_two_ddp_processes(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         _assert_close(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), EXPECTED)
+
+
+def test_answer_recall_and_task_success_by_hand() -> None:
+    from equilibrate_pl.eval.metrics import answer_recall, task_success
+
+    reference = "Happy to help. Lower it into boiling water for six minutes, then move it to cold water."
+    prompt = "How do I boil an egg in water?"
+    # content words beyond the prompt: lower, boiling, minutes, move, cold ("water" is in the prompt,
+    # "happy", "help", "then" are filler, "six" / "it" too short)
+    assert answer_recall("Boiling, six minutes, then cold water.", reference, prompt) == 3 / 5
+    assert answer_recall("I can't help with that.", reference, prompt) == 0.0
+    assert answer_recall("anything", "Sure! Happy to help.", "") != answer_recall("anything", "Sure! Happy to help.", "")  # NaN
+    responses = ["Put it in boiling water six minutes, then cold water, lower the heat and move on.",
+                 "Sorry, I cannot help: boiling, lower, minutes, move, cold.", "Boil it.", "whatever"]
+    refs = [reference, reference, reference, "Sure! Happy to help."]
+    prompts = [prompt] * 4
+    # row 1 is refused (its words do not count), row 2 misses the content, row 3 has no checkable reference
+    assert task_success(responses, refs, prompts, [False, True, False, False]) == 1 / 3
+    assert task_success([], [], [], []) != task_success([], [], [], [])  # NaN over no rows
