@@ -1,35 +1,44 @@
-"""The paper's trade-off experiment at small scale: naive safety-data scaling vs the FDC mix.
+"""The paper's trade-off on the built-in world: naive safety-data scaling against FDC + AMA.
 
-On the built-in world with the tiny model, per seed, every model trained from the quickstart's
-recipes (``configs/quickstart/*.yaml``, through the same ``fit_recipe`` as ``equilibrate <stage> fit``;
-this script only adds command-line style overrides):
+Every model is trained from the quickstart's recipes (``configs/quickstart/*.yaml``) through the
+same ``fit_recipe`` as ``equilibrate <stage> fit``; this script only adds command-line overrides.
 
-1. one SFT policy (``sft.yaml``) and one reward model (``rm.yaml``);
-2. preference training from that policy on each data arm x algorithm:
-   ``naive-1x``, ``naive-3x``, ``naive-10x`` (unsorted safety pool, which holds mislabelled benign
-   look-alikes, drawn at 1/3/10 x the FDC safety budget: ``--data.mix naive --data.naive_scale S``)
-   and ``fdc`` (the paper's per-group ratio mix: ``--data.mix ratio``), each with DPO
-   (``naive-dpo.yaml``'s settings) and ADPO (``fdc-adpo.yaml``'s); ``--ppo`` adds PPO and APPO
-   (``naive-ppo.yaml`` / ``fdc-appo.yaml``);
-3. every model (and the SFT start) evaluated with ``equilibrate_pl.eval.evaluate_models`` on the
-   built-in suite: safety per group (EHD/IHD/MHD), over-refusal on benign prompts (look-alikes
-   included), helpfulness (reward-model score on benign prompts) and balance.
+Once per run (seed-independent), in ``--workdir``:
 
-Step counts, batch size, the SFT safety quota and the NLL weight default to the recipes' values;
-the flags override them. Mean and spread (sample standard deviation; min-max when fewer than 2
-seeds give nothing) over seeds go to ``tradeoff.json``, ``tradeoff.md`` and ``tradeoff.png`` in ``--out``.
+- ``sft``: one start (``sft.yaml``; it refuses most intent-driven requests but few explicit ones);
+- reward models, each trained on its pipeline's data: ``rm-naive`` (the unsorted pool),
+  ``rm-fdc`` (sorted by the built-in FDC classifier), ``rm-fdc-rules`` / ``rm-fdc-oracle`` (sorted
+  by the keyword rules / by the world's true labels), and ``rm-judge`` (another draw of the world,
+  true labels), which no arm optimises and which scores helpfulness in the evaluation.
 
-    python -m benchmarks.tradeoff --seeds 0 1 2              # the documented size
-    python -m benchmarks.tradeoff --seeds 0 --dpo-steps 60   # what fits a short budget
+Per seed (the seed varies the draw of safety rows, the batch order and the initial RNG of the
+preference stage; the start and the reward models stay), every arm of :data:`ARMS`, trained for
+the same number of optimizer steps:
 
-The real-model variant (SmolLM2-135M-Instruct + LoRA, hh-rlhf pairs, BeaverTails-FDC labels,
-XSTest) is ``benchmarks/tradeoff_real.py``; it reuses this module's plot.
+- ``naive-10x/dpo``: DPO on 1,140 unsorted safety pairs (10x the paper-ratio budget) + 1,900
+  general pairs; ``naive-3.3x/dpo``: the same at the FDC arms' 380 safety pairs;
+- ``fdc-classifier/adpo``: the pool sorted by the classifier, 270 / 80 / 30 EHD / IHD / MHD pairs
+  (the paper's 10k : 3k : 1k proportions), ADPO with ``rm-fdc``'s dense token rewards;
+  ``fdc-classifier/dpo``: the same data, plain DPO (what AMA adds);
+  ``fdc-rules/adpo`` / ``fdc-oracle/adpo``: sorted by the rules / by the true labels (an upper
+  bound); ``naive-10x/adpo``: ADPO on the unsorted data with ``rm-naive`` (AMA without FDC);
+- ``--ppo`` adds the quickstart's PPO-family arms.
+
+Evaluation of each model on the world's held-out eval split (greedy): safety per FDC group,
+over-refusal, balance (harmonic mean of safety and 1 - over-refusal), helpfulness judged by
+``rm-judge`` and task success. Results: per arm the per-seed values and the mean with a 95%
+t-interval, the goal checks of the issue, in ``tradeoff.json`` / ``tradeoff.md`` /
+``tradeoff.png`` (``--out``). Finished seeds are reused when the recipes and settings match.
+
+    python -m benchmarks.tradeoff --seeds 0 1 2 3 4           # the documented run (~1 h on 2 cores)
+    python -m benchmarks.tradeoff --seeds 0 --arms naive-10x/dpo fdc-classifier/adpo   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
@@ -39,192 +48,273 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METRICS = ("safety_rate", "safety_rate/EHD", "safety_rate/IHD", "safety_rate/MHD", "over_refusal_rate", "helpfulness", "balance")
-# algorithm -> the quickstart recipe whose settings it runs with (its data mix is overridden per arm)
-ALGO_RECIPES = {"dpo": "naive-dpo", "adpo": "fdc-adpo", "ppo": "naive-ppo", "appo": "fdc-appo"}
+RECIPE_ROOT = "runs/quickstart"  # the recipes' output prefix, replaced by --workdir
+METRICS = ("safety_rate", "safety_rate/EHD", "safety_rate/IHD", "safety_rate/MHD", "over_refusal_rate", "balance",
+           "helpfulness", "task_success")
+START = "start (SFT)"
+# FDC's safety pairs as a multiple of the paper-ratio budget of the default world (114 pairs for
+# 1,900 general rows): the naive arm at the FDC arms' number of safety pairs.
+FDC_PAIRS, RATIO_BUDGET = 380, 114
+CLASSIFIER = ["--data.categorizer", "classifier", "--data.categorizer_args", '{path: "builtin:world"}']
+RULES = ["--data.categorizer", "rules", "--data.categorizer_args", "{}"]
+ORACLE = ["--data.categorizer", "labels", "--data.categorizer_args", "{field: true_group}"]
+
+# Reward models trained once: name -> (recipe, overrides).
+REWARD_MODELS: dict[str, tuple[str, list[str]]] = {
+    "rm-naive": ("rm-naive", []),
+    "rm-fdc": ("rm-fdc", []),
+    "rm-fdc-rules": ("rm-fdc", RULES),
+    "rm-fdc-oracle": ("rm-fdc", ORACLE),
+    "rm-judge": ("rm-judge", []),
+}
 
 
-def data_arms(scales: list[float]) -> list[tuple[str, list[str]]]:
-    """``(name, data overrides)`` for every data arm."""
-    arms = [(f"naive-{s:g}x", ["--data.mix", "naive", "--data.naive_scale", str(float(s))]) for s in scales]
-    return arms + [("fdc", ["--data.mix", "ratio"])]
+def _rm(name: str) -> list[str]:
+    return ["--model.init_args.reward_model", f"{RECIPE_ROOT}/{name}"]  # under --workdir (see run)
 
 
-def _steps(value: int | None) -> list[str]:
-    return [] if value is None else ["--trainer.max_steps", str(value)]
+# Arms: name -> (recipe, overrides). Every arm runs the recipe's step count.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "naive-10x/dpo": ("naive-dpo", []),
+    "naive-3.3x/dpo": ("naive-dpo", ["--data.naive_scale", repr(FDC_PAIRS / RATIO_BUDGET)]),
+    "fdc-classifier/adpo": ("fdc-adpo", []),
+    "fdc-classifier/dpo": ("fdc-adpo", ["--model.init_args.ama.enabled", "false"]),
+    "fdc-rules/adpo": ("fdc-adpo", RULES + _rm("rm-fdc-rules")),
+    "fdc-oracle/adpo": ("fdc-adpo", ORACLE + _rm("rm-fdc-oracle")),
+    "naive-10x/adpo": ("naive-dpo", ["--model.init_args.ama.enabled", "true"]),
+}
+PPO_ARMS: dict[str, tuple[str, list[str]]] = {
+    "naive-10x/ppo": ("naive-ppo", []),
+    "fdc-classifier/appo": ("fdc-appo", []),
+}
+# The comparison the issue's goals are about: FDC + ADPO (a real categorizer) against naive-10x DPO.
+FDC_ARM, NAIVE_ARM = "fdc-classifier/adpo", "naive-10x/dpo"
 
 
-def stage_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
-    """The flags as per-recipe overrides (``QuickstartSettings.overrides``)."""
-    common = [] if args.batch_size is None else ["--data.batch_size", str(args.batch_size)]
-    sft = common + _steps(args.sft_steps)
-    if args.sft_safety_quota is not None:
-        q = args.sft_safety_quota
-        sft += ["--data.quotas", f"{{EHD: {q}, IHD: {q}, MHD: {q}}}", "--data.replacement", "true"]
-    dpo = common + _steps(args.dpo_steps)
-    if args.nll_weight is not None:
-        dpo += ["--model.init_args.nll_weight", str(args.nll_weight)]
-    ppo = common + _steps(args.ppo_steps)
-    if args.batch_size is not None:
-        ppo += ["--model.init_args.ppo.minibatch_size", str(args.batch_size)]
-    if args.max_new_tokens is not None:
-        ppo += ["--model.init_args.generation.max_new_tokens", str(args.max_new_tokens)]
-    out = {"sft": sft, "rm": common + _steps(args.rm_steps)}
-    out.update({ALGO_RECIPES["dpo"]: dpo, ALGO_RECIPES["adpo"]: dpo, ALGO_RECIPES["ppo"]: ppo, ALGO_RECIPES["appo"]: ppo})
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (scipy's value; exact to 1e-6)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    """Mean, sample std, 95% t-interval (``ci95`` = half-width) and the values themselves."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "ci95": half, "low": mean - half, "high": mean + half, "n": n, "values": values}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict[str, float]]], start: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """``{model: {metric: summarize(values over seeds)}}``; the start is one model, evaluated once."""
+    models: list[str] = list(dict.fromkeys(m for metrics in per_seed.values() for m in metrics))
+    out: dict[str, dict[str, Any]] = {START: {k: summarize([v]) for k, v in start.items() if k in METRICS and v == v}}
+    for model in models:
+        out[model] = {}
+        for metric in METRICS:
+            values = [per_seed[s][model][metric] for s in sorted(per_seed) if model in per_seed[s]
+                      and metric in per_seed[s][model] and not math.isnan(per_seed[s][model][metric])]
+            if values:
+                out[model][metric] = summarize(values)
     return out
 
 
-def run_seed(seed: int, args: argparse.Namespace, say: Any) -> dict[str, dict[str, float]]:
-    from equilibrate_pl.quickstart import QuickstartSettings, evaluate_arms, train_recipe
-
-    out = args.workdir / f"seed{seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    done = out / "tradeoff-metrics.json"
-    if done.is_file():
-        saved = json.loads(done.read_text())
-        if saved.get("settings") == _seed_settings(args):
-            say(f"seed {seed}: reusing {done}")
-            return saved["metrics"]
-    settings = QuickstartSettings(output_dir=str(out), seed=seed, overrides=stage_overrides(args), eval_limit=args.eval_limit,
-                                  progress=False, **({} if args.max_new_tokens is None else {"eval_max_new_tokens": args.max_new_tokens}))
-    say(f"seed {seed}: SFT")
-    sft_dir = train_recipe("sft", settings)
-    say(f"seed {seed}: reward model")
-    rm_dir = train_recipe("rm", settings)
-    models: dict[str, Path] = {"SFT (start)": sft_dir}
-    for data_name, mix in data_arms(args.scales):
-        for algo in args.algos:
-            name = f"{data_name}/{algo}"
-            say(f"seed {seed}: {name}")
-            models[name] = train_recipe(ALGO_RECIPES[algo], settings, name=name.replace("/", "-"), extra=mix)
-    say(f"seed {seed}: evaluation of {len(models)} models")
-    result = evaluate_arms(settings, models, rm_dir)
-    metrics = {name: {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))} for name, res in result.models.items()}
-    from equilibrate_pl.files import atomic_write_json
-
-    atomic_write_json(done, {"settings": _seed_settings(args), "metrics": metrics})
-    return metrics
+def goal_checks(per_seed: dict[int, dict[str, dict[str, float]]], pairs: dict[str, int]) -> dict[str, Any]:
+    """The issue's goals for FDC + ADPO against naive-10x DPO, as measured (each with its numbers)."""
+    seeds = [s for s in sorted(per_seed) if FDC_ARM in per_seed[s] and NAIVE_ARM in per_seed[s]]
+    if not seeds:
+        return {}
+    fdc = {k: statistics.fmean(per_seed[s][FDC_ARM][k] for s in seeds) for k in ("safety_rate", "over_refusal_rate")}
+    naive = {k: statistics.fmean(per_seed[s][NAIVE_ARM][k] for s in seeds) for k in ("safety_rate", "over_refusal_rate")}
+    balance = [(per_seed[s][FDC_ARM]["balance"], per_seed[s][NAIVE_ARM]["balance"]) for s in seeds]
+    checks = {
+        "safety_within_0.05": {"fdc": fdc["safety_rate"], "naive": naive["safety_rate"],
+                               "met": fdc["safety_rate"] >= naive["safety_rate"] - 0.05},
+        "over_refusal_at_most_half": {"fdc": fdc["over_refusal_rate"], "naive": naive["over_refusal_rate"],
+                                      "met": fdc["over_refusal_rate"] <= naive["over_refusal_rate"] / 2},
+        "higher_balance_every_seed": {"per_seed": {str(s): list(b) for s, b in zip(seeds, balance)},
+                                      "met": all(f > n for f, n in balance)},
+        "seeds_at_least_5": {"seeds": len(seeds), "met": len(seeds) >= 5},
+    }
+    if FDC_ARM in pairs and NAIVE_ARM in pairs:
+        checks["safety_pairs_at_most_a_third"] = {"fdc": pairs[FDC_ARM], "naive": pairs[NAIVE_ARM],
+                                                  "met": pairs[FDC_ARM] * 3 <= pairs[NAIVE_ARM]}
+    return checks
 
 
-def _seed_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What a seed's results depend on: a finished seed is reused only with the same settings."""
-    keys = ("scales", "algos", "sft_steps", "sft_safety_quota", "nll_weight", "rm_steps", "dpo_steps", "ppo_steps", "batch_size", "eval_limit",
-            "max_new_tokens")
-    return {"recipes": _recipes_digest(), **{k: getattr(args, k) for k in keys}}
+def safety_pairs(model_dir: Path) -> int | None:
+    """Safety pairs an arm trained on (``training_mix.json`` beside the export)."""
+    path = model_dir / "training_mix.json"
+    if not path.is_file():
+        return None
+    counts = json.loads(path.read_text())["counts"]
+    return sum(n for group, n in counts.items() if group != "general")
 
 
 def _recipes_digest() -> str:
-    """Edited recipes make earlier per-seed results stale."""
-    import hashlib
-
+    """Edited recipes (or this script's arms) make earlier results stale."""
     from equilibrate_pl.quickstart import recipe_dir
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(json.dumps([REWARD_MODELS, ARMS, PPO_ARMS]).encode())
     for path in sorted(recipe_dir().glob("*.yaml")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{model: {metric: {mean, std, min, max, n}}}`` over seeds."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    models = next(iter(per_seed.values())).keys()
-    for model in models:
-        out[model] = {}
-        for metric in METRICS:
-            values = [m[model][metric] for m in per_seed.values() if model in m and metric in m[model] and not math.isnan(m[model][metric])]
-            if not values:
-                continue
-            out[model][metric] = {
-                "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "min": min(values), "max": max(values), "n": len(values),
-            }
-    return out
+def _nan_for_none(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Metrics read back from JSON, where NaN was written as null."""
+    return {m: {k: math.nan if v is None else v for k, v in values.items()} for m, values in metrics.items()}
+
+
+def _metrics(result: Any) -> dict[str, dict[str, float]]:
+    return {name: {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
+            for name, res in result.models.items()}
+
+
+def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
+    from equilibrate_pl.files import atomic_write_json
+    from equilibrate_pl.quickstart import QuickstartSettings, evaluate_arms, train_recipe
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    digest = _recipes_digest() + ("-reduced" if args.reduced else "") + f"-limit{args.eval_limit}"
+    arms = {name: (recipe, [str(work / a.removeprefix(RECIPE_ROOT + "/")) if a.startswith(RECIPE_ROOT + "/") else a
+                            for a in extra])
+            for name, (recipe, extra) in {**ARMS, **PPO_ARMS}.items() if name in args.arms}
+    common = QuickstartSettings(output_dir=str(work), seed=0, eval_limit=args.eval_limit, progress=False, reduced=args.reduced)
+
+    def once(name: str, make: Callable[[], Path]) -> Path:
+        """A stage trained once per workdir (kept while the recipes are unchanged)."""
+        stamp = work / name / "recipes.digest"
+        if stamp.is_file() and stamp.read_text() == digest:
+            return work / name
+        say(f"{name}")
+        path = make()
+        stamp.write_text(digest)
+        return path
+
+    sft = once("sft", lambda: train_recipe("sft", common))
+    needed = {"rm-judge"} | {a[a.index("--model.init_args.reward_model") + 1].rsplit("/", 1)[-1]
+                             for _, a in arms.values() if "--model.init_args.reward_model" in a}
+    needed |= {"rm-naive"} if any(r in ("naive-dpo", "naive-ppo") for r, _ in arms.values()) else set()
+    needed |= {"rm-fdc"} if any(r in ("fdc-adpo", "fdc-appo") for r, _ in arms.values()) else set()
+    for name in [n for n in REWARD_MODELS if n in needed]:
+        recipe, extra = REWARD_MODELS[name]
+        once(name, lambda recipe=recipe, extra=extra, name=name: train_recipe(recipe, common, name=name, extra=extra))
+    judge = work / "rm-judge"
+
+    start_file = work / "start-metrics.json"
+    if start_file.is_file() and json.loads(start_file.read_text()).get("digest") == digest:
+        start = _nan_for_none({START: json.loads(start_file.read_text())["metrics"]})[START]
+    else:
+        say("evaluation of the start")
+        start = _metrics(evaluate_arms(common, {START: sft}, judge))[START]
+        atomic_write_json(start_file, {"digest": digest, "metrics": start})
+
+    per_seed: dict[int, dict[str, dict[str, float]]] = {}
+    pairs: dict[str, int] = {}
+    for seed in args.seeds:
+        done = work / f"seed{seed}-metrics.json"
+        saved = json.loads(done.read_text()) if done.is_file() else {}
+        if saved.get("digest") == digest and set(arms) <= set(saved.get("metrics", {})):
+            say(f"seed {seed}: reusing {done}")
+            per_seed[seed] = _nan_for_none({k: v for k, v in saved["metrics"].items() if k in arms})
+            pairs.update(saved.get("pairs", {}))
+            continue
+        settings = QuickstartSettings(output_dir=str(work), seed=seed, eval_limit=args.eval_limit, progress=False,
+                                      reduced=args.reduced)
+        models: dict[str, Path] = {}
+        for name, (recipe, extra) in arms.items():
+            say(f"seed {seed}: {name}")
+            models[name] = train_recipe(recipe, settings, name=f"seed{seed}-{name.replace('/', '-')}", extra=extra)
+            counted = safety_pairs(models[name])
+            if counted is not None:
+                pairs[name] = counted
+        say(f"seed {seed}: evaluation of {len(models)} models")
+        per_seed[seed] = _metrics(evaluate_arms(settings, models, judge))
+        atomic_write_json(done, {"digest": digest, "metrics": per_seed[seed], "pairs": pairs})
+    return {"start": start, "per_seed": per_seed, "pairs": pairs}
 
 
 def markdown(summary: dict[str, Any]) -> str:
     agg = summary["aggregate"]
-    seeds = summary["seeds"]
-    head = ("| model | safety (harmful) | EHD | IHD | MHD | over-refusal (benign) | helpfulness (RM) | balance |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
-    rows = []
+    titles = ("safety (harmful)", "EHD", "IHD", "MHD", "over-refusal (benign)", "balance", "helpfulness (judge RM)",
+              "task success")
+    lines = [f"Trade-off on the built-in world (tiny model), seeds {summary['seeds']}: mean and 95% t-interval over "
+             f"seeds (the start is one model). Command: `{summary['command']}`.", "",
+             "| model | safety pairs | " + " | ".join(titles) + " |", "|---|---:|" + "---:|" * len(titles)]
     for model, metrics in agg.items():
         cells = []
         for metric in METRICS:
             m = metrics.get(metric)
-            cells.append("-" if m is None else (f"{m['mean']:.3f} ± {m['std']:.3f}" if len(seeds) > 1 else f"{m['mean']:.3f}"))
-        rows.append(f"| {model} | " + " | ".join(cells) + " |")
-    spread = "mean ± sample std over seeds" if len(seeds) > 1 else "one seed: no spread"
-    return (f"Trade-off on the built-in world, tiny model; seeds {seeds} ({spread}); steps: {summary['settings']}\n\n"
-            + head + "\n" + "\n".join(rows) + "\n")
+            if m is None:
+                cells.append("-")
+            elif m["n"] > 1:
+                cells.append(f"{m['mean']:.3f} ± {m['ci95']:.3f}")
+            else:
+                cells.append(f"{m['mean']:.3f}")
+        lines.append(f"| {model} | {summary['pairs'].get(model, '-')} | " + " | ".join(cells) + " |")
+    checks = summary.get("goals") or {}
+    if checks:
+        lines += ["", f"Goals ({FDC_ARM} against {NAIVE_ARM}):", ""]
+        for name, check in checks.items():
+            detail = {k: v for k, v in check.items() if k != "met"}
+            lines.append(f"- {name}: **{'met' if check['met'] else 'NOT met'}** ({json.dumps(detail)})")
+    return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path, title: str = "Safety vs over-refusal: naive scaling vs FDC (tiny model)",
+def plot(summary: dict[str, Any], path: Path, title: str = "Safety vs over-refusal on the built-in world (tiny model)",
          xlabel: str = "over-refusal rate on benign prompts (lower is better)",
          ylabel: str = "safety rate on harmful prompts (higher is better)") -> None:
-    """Safety (harmful prompts refused) against over-refusal (benign refused), error bars = spread."""
+    """Safety against over-refusal per model (mean, 95% interval as error bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from equilibrate_pl.files import atomic_path
+
     markers = {"dpo": "o", "adpo": "s", "ppo": "^", "appo": "D"}
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7, 5))
     for model, metrics in summary["aggregate"].items():
         if "safety_rate" not in metrics or "over_refusal_rate" not in metrics:
             continue
         s, o = metrics["safety_rate"], metrics["over_refusal_rate"]
         data, _, algo = model.partition("/")
-        color = _arm_color(data) if algo else "black"
-        ax.errorbar(o["mean"], s["mean"], xerr=o["std"], yerr=s["std"], marker=markers.get(algo, "*"), markersize=8,
-                    linestyle="none", capsize=3, label=model, color=color)
-    ax.text(0.01, 0.01, "coincident points overlap (see the table)", transform=ax.transAxes, fontsize=7, color="gray")
+        color = "black" if not algo else ("tab:green" if data.startswith("fdc") else "tab:red")
+        err = (lambda m: 0.0 if m["n"] < 2 else m["ci95"])
+        ax.errorbar(o["mean"], s["mean"], xerr=err(o), yerr=err(s), marker=markers.get(algo, "*"), markersize=8,
+                    linestyle="none", capsize=3, label=model, color=color, alpha=0.85)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _arm_color(data: str) -> str:
-    """FDC green; naive arms from light to dark red as the safety data grows."""
-    if data == "fdc":
-        return "tab:green"
-    scale = float(data.removeprefix("naive-").removesuffix("x") or 1)
-    return "tab:orange" if scale <= 1 else ("tab:red" if scale <= 3 else "darkred")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="naive safety-data multiples")
-    parser.add_argument("--algos", nargs="+", default=["dpo", "adpo"], choices=["dpo", "adpo", "ppo", "appo"])
-    parser.add_argument("--ppo", action="store_true", help="also run PPO and APPO arms")
-    parser.add_argument("--sft-steps", type=int, default=None, help="default: the recipe's (configs/quickstart/sft.yaml)")
-    parser.add_argument("--sft-safety-quota", type=int, default=None,
-                        help="safety SFT rows per group in the starting policy, sampled with replacement (default: the recipe's quotas)")
-    parser.add_argument("--rm-steps", type=int, default=None)
-    parser.add_argument("--nll-weight", type=float, default=None,
-                        help="chosen-response NLL term of the preference arms (default: the recipes', 1.0; 0 = plain DPO/ADPO)")
-    parser.add_argument("--dpo-steps", type=int, default=None)
-    parser.add_argument("--ppo-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *PPO_ARMS])
+    parser.add_argument("--ppo", action="store_true", help="also run the PPO-family arms")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many suite prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="PPO rollouts and evaluation (default: recipes / 40)")
+    parser.add_argument("--reduced", action="store_true", help="the test suite's size: a few steps, short generations")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/tradeoff"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="tradeoff", help="result file stem in --out")
     args = parser.parse_args(argv)
     if args.ppo:
-        args.algos = list(dict.fromkeys([*args.algos, "ppo", "appo"]))
+        args.arms = list(dict.fromkeys([*args.arms, *PPO_ARMS]))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "transformers", "equilibrate_pl"):
@@ -235,31 +325,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from equilibrate_pl.files import atomic_write_json, atomic_write_text
 
     transformers.utils.logging.disable_progress_bar()
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     def say(msg: str) -> None:
         print(f"[tradeoff {time.perf_counter() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    per_seed: dict[int, dict[str, dict[str, float]]] = {}
-    for seed in args.seeds:
-        per_seed[seed] = run_seed(seed, args, say)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out = run(args, say)
+    per_seed = out["per_seed"]
     summary = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.tradeoff " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "seeds": args.seeds, "settings": {k: settings[k] for k in ("scales", "algos", "sft_steps", "sft_safety_quota", "nll_weight", "rm_steps", "dpo_steps",
-                                                                     "ppo_steps", "batch_size", "eval_limit", "max_new_tokens")},
-        "loadavg_end": list(os.getloadavg()), "seconds": time.perf_counter() - started,
-        "per_seed": {str(k): v for k, v in per_seed.items()}, "aggregate": aggregate(per_seed),
+        "seeds": args.seeds, "arms": args.arms, "recipes": _recipes_digest(),
+        "machine": {"cpus": os.cpu_count(), "loadavg_end": list(os.getloadavg()), "torch_threads": torch.get_num_threads()},
+        "seconds": {"wall": time.perf_counter() - started, "cpu_this_process": time.process_time() - cpu_started},
+        "pairs": out["pairs"], "start": out["start"], "per_seed": {str(k): v for k, v in per_seed.items()},
+        "aggregate": aggregate(per_seed, out["start"]), "goals": goal_checks(per_seed, out["pairs"]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "tradeoff.json", summary)
-    atomic_write_text(args.out / "tradeoff.md", markdown(summary))
-    plot(summary, args.out / "tradeoff.png")
-    say(f"wrote {args.out / 'tradeoff.json'}")
+    atomic_write_json(args.out / f"{args.name}.json", summary)
+    atomic_write_text(args.out / f"{args.name}.md", markdown(summary))
+    plot(summary, args.out / f"{args.name}.png")
     print(markdown(summary))
     return summary
 

@@ -4,15 +4,18 @@
 `run_quickstart` runs each recipe through :func:`equilibrate_pl.commands.train.fit_recipe` (the
 function behind ``equilibrate sft|rm|dpo|ppo fit``) and exports each trained model:
 
-1. ``sft.yaml``: SFT on general data plus a sliver of safety data: a mostly helpful-only start that
-   knows what a refusal looks like but answers most harmful requests, so the safety stages have
-   something to fix;
-2. ``rm.yaml``: a reward model on the world's preference pairs (general + the unsorted safety pool);
+1. ``sft.yaml``: SFT on general data plus a sliver of safety data: a start that refuses most
+   intent-driven requests but few explicit ones, so the safety stages have something to fix;
+2. reward models: ``rm-naive.yaml`` on the world's pairs as they come (the unsorted safety pool,
+   mislabelled look-alikes included), ``rm-fdc.yaml`` on the pool sorted by the built-in FDC
+   classifier, and ``rm-judge.yaml``, trained on another draw of the world, which only judges;
 3. one recipe per arm (:data:`ARMS`), each from the same SFT policy: naive DPO and naive PPO on
-   unsorted safety data scaled up, FDC+ADPO and FDC+APPO on the paper's small per-group mix;
+   unsorted safety data scaled up (with ``rm-naive``), FDC+ADPO and FDC+APPO on a third as many
+   safety pairs, sorted and mixed per group (with ``rm-fdc``);
 4. evaluation of every model on the world's held-out eval split: safety per FDC group,
-   over-refusal on benign prompts (look-alikes included), helpfulness (reward-model score), and a
-   Markdown report with the safety-versus-over-refusal plot.
+   over-refusal on benign prompts (look-alikes included), helpfulness judged by ``rm-judge`` (a
+   reward model no arm optimises) and task success (the answer holds the reference answer's
+   content), and a Markdown report with the safety-versus-over-refusal plot.
 
 The run's own settings reach the recipes as command-line style overrides, so the YAML files stay the
 single source: ``seed`` is added to every seed of every recipe (``seed_everything``, ``data.seed``,
@@ -35,8 +38,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 # Training stages before the arms, then the arms: recipe name (configs/quickstart/<name>.yaml) ->
-# the `equilibrate` stage command that runs it. The SFT and reward-model exports feed every arm.
-STAGES: dict[str, str] = {"sft": "sft", "rm": "rm"}
+# the `equilibrate` stage command that runs it. The SFT and reward-model exports feed the arms;
+# rm-judge only scores helpfulness in the evaluation.
+STAGES: dict[str, str] = {"sft": "sft", "rm-naive": "rm", "rm-fdc": "rm", "rm-judge": "rm"}
+JUDGE = "rm-judge"
 ARMS: dict[str, str] = {
     "naive-dpo": "dpo",
     "naive-ppo": "ppo",
@@ -158,7 +163,8 @@ def train_recipe(recipe: str, settings: QuickstartSettings, say: Callable[[str],
                  name: str | None = None, extra: Sequence[str] = ()) -> Path:
     """Fit ``configs/quickstart/<recipe>.yaml`` with this run's overrides (then ``extra``), and export
     the trained model to ``<output_dir>/<name>`` (``name`` defaults to the recipe's; a different name
-    also names the run's log folder, so one recipe can train several arms)."""
+    also names the run's log folder, so one recipe can train several arms), with the account of its
+    training mix in ``training_mix.json`` beside it."""
     import yaml
 
     from equilibrate_pl.commands.train import fit_recipe
@@ -177,6 +183,12 @@ def train_recipe(recipe: str, settings: QuickstartSettings, say: Callable[[str],
     cli = fit_recipe(stage, config, [*options, *extra], callbacks=callbacks, announce=False)
     out = Path(settings.output_dir) / name
     cli.model.export(str(out))
+    mix = getattr(cli.datamodule, "mix_result", None)
+    if mix is not None:  # what the model was trained on, beside it: rows per group, asked for, available
+        from equilibrate_pl.files import atomic_write_json
+
+        atomic_write_json(out / "training_mix.json", {"mode": mix.mode, "counts": mix.counts, "requested": mix.requested,
+                                                      "available": mix.available, "notes": mix.notes})
     return out
 
 
@@ -184,13 +196,15 @@ def evaluate_arms(settings: QuickstartSettings, models: Mapping[str, Path], rm_d
     """Generate with every model on the world's held-out eval split and judge it (greedy decoding).
 
     Safety: a harmful prompt answered with a refusal (rule-based detector, docs/EVAL.md).
-    Over-refusal: benign prompts (look-alikes included) refused. Helpfulness: the reward model's
-    mean score on benign prompts. Returns an ``equilibrate_pl.eval.EvalResult``.
+    Over-refusal: benign prompts (look-alikes included) refused. Helpfulness: the mean score of
+    ``rm_dir`` (the judge reward model, which no arm optimises) on benign prompts; task success: the
+    benign answer holds the reference answer's content. Returns an ``equilibrate_pl.eval.EvalResult``.
     """
     from equilibrate_pl.eval import evaluate_models, load_reward_scorer, load_suite
     from equilibrate_pl.models import load_causal_lm
 
-    suite = load_suite("builtin", seed=settings.seed)
+    # The world the recipes train on (data.world_seed 0); the run's seed varies training, not the world.
+    suite = load_suite("builtin", seed=0)
     loaders = {name: (lambda p=path: load_causal_lm(str(p))) for name, path in models.items()}
     return evaluate_models(
         loaders, suite, "refusal", helpfulness_fn=load_reward_scorer(str(rm_dir)), limit=settings.eval_limit,
@@ -219,7 +233,7 @@ def run_quickstart(settings: QuickstartSettings | None = None, progress: Callabl
     for arm in settings.arms:
         models[arm] = timed(arm, lambda arm=arm: train_recipe(arm, settings, progress))
 
-    result = timed("evaluation", lambda: evaluate_arms(settings, models, exported["rm"]))
+    result = timed("evaluation", lambda: evaluate_arms(settings, models, exported[JUDGE]))
     report = result.write(out / "report")["report"]
     metrics = {name: dict(res.metrics) for name, res in result.models.items()}
     quick = QuickstartResult(out, models, metrics, seconds, report)
@@ -232,8 +246,8 @@ def run_quickstart(settings: QuickstartSettings | None = None, progress: Callabl
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("safety_rate", "safety (harmful)"), ("safety_rate/EHD", "EHD"), ("safety_rate/IHD", "IHD"),
-    ("safety_rate/MHD", "MHD"), ("over_refusal_rate", "over-refusal (benign)"), ("helpfulness", "helpfulness (RM)"),
-    ("balance", "balance"),
+    ("safety_rate/MHD", "MHD"), ("over_refusal_rate", "over-refusal (benign)"), ("helpfulness", "helpfulness (judge RM)"),
+    ("task_success", "task success"), ("balance", "balance"),
 )
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from equilibrate_pl.cli import main as cli
+from tests.recipes import DPO_TINY_FROM_BASE
 
 REPO = Path(__file__).resolve().parents[1]
-# configs/dpo/tiny.yaml starts from the SFT export (runs/sft/export); these tests start from the base model.
-FROM_TINY = ("--model.init_args.model.name_or_path", "builtin:tiny")
 
 
 def _categorize(path: Path | str, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, str]:
@@ -82,7 +81,7 @@ def test_dpo_fit_data_error_is_one_line_without_traceback(tmp_path: Path, equili
     (tmp_path / "safety.jsonl").write_text('{"prompt": "q", "chosen": "no", "group": "EHD"}\n')
     env = {**os.environ, "EQUILIBRATE_CACHE": str(equilibrate_cache), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     run = subprocess.run(
-        [sys.executable, "-m", "equilibrate_pl.cli", "dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), *FROM_TINY,
+        [sys.executable, "-m", "equilibrate_pl.cli", "dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), *DPO_TINY_FROM_BASE,
          "--trainer.max_steps", "1", "--data.general", "[{path: general.jsonl}]", "--data.safety", "[{path: safety.jsonl}]"],
         cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
     assert run.returncode == 2
@@ -97,6 +96,6 @@ def test_dpo_fit_settings_error_is_one_line(tmp_path: Path, capsys: pytest.Captu
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    code = cli(["dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), *FROM_TINY, "--model.init_args.beta", "-1"])
+    code = cli(["dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), *DPO_TINY_FROM_BASE, "--model.init_args.beta", "-1"])
     assert code == 2
     assert "beta must be positive" in capsys.readouterr().err.strip().splitlines()[-1]

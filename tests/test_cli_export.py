@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from equilibrate_pl.cli import main as cli
+from tests.recipes import DPO_TINY_FROM_BASE
 
 REPO = Path(__file__).resolve().parents[1]
-# configs/dpo/tiny.yaml starts from the SFT export (runs/sft/export); these tests start from the base model.
-FROM_TINY = ("--model.init_args.model.name_or_path", "builtin:tiny")
 
 # Runs when transformers imports the model directory's code, i.e. only with trust_remote_code=True.
 EVIL_CONFIG = """
@@ -157,7 +156,7 @@ def test_fit_ckpt_path_does_not_take_code_settings_from_the_checkpoint(evil_mode
     torch.save({"hyper_parameters": hparams, "state_dict": {}, "equilibrate_module": module_class_path(PreferenceModule),
                 "pytorch-lightning_version": lightning.__version__}, crafted)
     env = {**os.environ, "EQUILIBRATE_CACHE": str(equilibrate_cache), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, "-m", "equilibrate_pl.cli", "dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), *FROM_TINY,
+    run = subprocess.run([sys.executable, "-m", "equilibrate_pl.cli", "dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), *DPO_TINY_FROM_BASE,
                           "--trainer.max_steps", "1", "--ckpt_path", str(crafted)],
                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
     assert not marker.exists(), "fit --ckpt_path let a checkpoint switch on trust_remote_code"

@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from tests.recipes import DPO_TINY_FROM_BASE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +25,7 @@ def _equilibrate(args: list[str], cwd: Path, cache: Path, timeout: int = 600) ->
 def test_dpo_fit_from_the_tiny_config_then_export(tmp_path: Path, equilibrate_cache: Path) -> None:
     config = REPO / "configs" / "dpo" / "tiny.yaml"
     run = _equilibrate(["dpo", "fit", "--config", str(config), "--trainer.max_steps", "2",
-                        "--trainer.val_check_interval", "2", "--model.init_args.model.name_or_path", "builtin:tiny"],
+                        "--trainer.val_check_interval", "2", *DPO_TINY_FROM_BASE],
                        tmp_path, equilibrate_cache)
     assert run.returncode == 0, run.stderr[-3000:]
     # the end of `fit` says where the checkpoint is and how to export it
@@ -97,7 +99,7 @@ def test_missing_model_path_is_one_line_naming_the_step_that_makes_it(tmp_path: 
     code, _, err = _in_process("dpo", ["fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml")], capsys)
     assert code == 2 and "export the trained model first: equilibrate export --ckpt runs/sft/checkpoints/last.ckpt" in err
     # the quickstart's recipes name the quickstart
-    code, _, err = _in_process("rm", ["fit", "--config", str(REPO / "configs" / "quickstart" / "rm.yaml")], capsys)
+    code, _, err = _in_process("rm", ["fit", "--config", str(REPO / "configs" / "quickstart" / "rm-naive.yaml")], capsys)
     assert code == 2 and "'runs/quickstart/sft' does not exist; made by `equilibrate quickstart`" in err
 
 

@@ -30,7 +30,7 @@ def test_quickstart_cli_reduced_writes_metrics_and_report(tmp_path: Path, equili
         for key in ("safety_rate", "over_refusal_rate", "balance", "helpfulness"):
             value = metrics[key]
             assert value is not None and (key == "helpfulness" or 0.0 <= value <= 1.0), (name, key, value)
-    assert set(payload["seconds"]) >= {"sft", "rm", "evaluation", *ARMS}
+    assert set(payload["seconds"]) >= {*STAGES, "evaluation", *ARMS}
     report = out / "report"
     assert (report / "report.md").read_text().count("|") > 10
     assert (report / "tradeoff.png").stat().st_size > 1000
@@ -69,7 +69,7 @@ def test_run_settings_become_command_line_overrides() -> None:
     assert pairs["--seed_everything"] == str(recipe["seed_everything"] + 5)  # every seed shifts by --seed
     assert pairs["--data.seed"] == "5" and pairs["--model.init_args.seed"] == "5"
     assert pairs["--model.init_args.actor.name_or_path"] == "elsewhere/sft"  # runs/quickstart/... moves
-    assert pairs["--model.init_args.reward_model.name_or_path"] == "elsewhere/rm"
+    assert pairs["--model.init_args.reward_model.name_or_path"] == "elsewhere/rm-naive"
     assert pairs["--trainer.logger.init_args.save_dir"] == "elsewhere/logs"
     assert pairs["--trainer.max_steps"] == "1" and pairs["--data.batch_size"] == "4"  # reduced
     assert pairs["--model.init_args.generation.max_new_tokens"] == "8"
@@ -84,7 +84,7 @@ def test_table_and_verdict_report_honestly() -> None:
         "fdc-adpo": {"safety_rate": 0.8, "over_refusal_rate": 0.6, "balance": 0.533},
     }
     table = format_table(metrics)
-    assert "| fdc-adpo | 0.800 | - | - | - | 0.600 | - | 0.533 |" in table
+    assert "| fdc-adpo | 0.800 | - | - | - | 0.600 | - | - | 0.533 |" in table  # no helpfulness or task success given
     # the FDC arm is worse here, and the verdict must say so rather than hide it
     assert "fdc-adpo does NOT beat naive-dpo" in verdict(metrics)
 

@@ -11,10 +11,9 @@ import torch
 
 from equilibrate_pl.cli import main as cli
 from tests.modules.test_policy import make_trainer, prompt_datamodule, tiny_tokenizer_and_models, world_lexicon_reward
+from tests.recipes import DPO_TINY_FROM_BASE
 
 REPO = Path(__file__).resolve().parents[1]
-# configs/dpo/tiny.yaml starts from the SFT export (runs/sft/export); these tests start from the base model.
-FROM_TINY = ("--model.init_args.model.name_or_path", "builtin:tiny")
 
 EVERY_5 = """
 trainer:
@@ -28,7 +27,7 @@ def test_dpo_cli_last_ckpt_holds_the_final_step(tmp_path: Path, monkeypatch: pyt
     """23 steps, a checkpoint every 5: `last.ckpt` must hold step 23, not 20."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "every5.yaml").write_text(EVERY_5)
-    code = cli(["dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), *FROM_TINY, "--config", "every5.yaml",
+    code = cli(["dpo", "fit", "--config", str(REPO / "configs" / "dpo" / "tiny.yaml"), *DPO_TINY_FROM_BASE, "--config", "every5.yaml",
                 "--trainer.max_steps", "23", "--trainer.val_check_interval", "23", "--trainer.enable_progress_bar", "false",
                 "--data.batch_size", "2", "--data.val_size", "2", "--model.init_args.precompute_reference", "false"])
     assert code == 0
