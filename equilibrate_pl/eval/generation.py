@@ -2,7 +2,9 @@
 
 Prompts are rendered and tokenized by the same `PromptCollator` that builds rollout batches
 (`equilibrate_pl.data.collate`), so evaluation sees exactly the prompt format training saw. Rows are
-sorted by length before batching (less padding), and results come back in the input order.
+sorted by length before batching (less padding), and results come back in the input order. Tokens
+come from the rollout engine PPO uses (`equilibrate_pl.models.rollout_engine`; transformers'
+`generate` with ``engine="hf"`` or for models the KV-cache engine does not take).
 """
 
 from __future__ import annotations
@@ -13,17 +15,9 @@ import torch
 
 from equilibrate_pl.data.collate import PromptCollator, pad_and_eos_ids
 from equilibrate_pl.data.schema import PromptLike
+from equilibrate_pl.models.rollout_engine import RolloutEngine, SamplingParams, eos_token_ids, generate_tokens, resolve_engine
 
 __all__ = ["generate"]
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends a reply: the tokenizer's eos plus any the model's generation config lists."""
-    ids = {int(tokenizer.eos_token_id)}
-    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if cfg_eos is not None:
-        ids.update(int(i) for i in (cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]))
-    return sorted(ids)
 
 
 @torch.no_grad()
@@ -37,16 +31,22 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 50,
     max_prompt_length: int = 512,
     seed: int | None = None,
     progress: bool = True,
     desc: str = "generating",
+    stop_strings: Sequence[str] = (),
+    engine: str | RolloutEngine = "auto",
 ) -> list[str]:
     """Generate one reply per prompt (a string or a chat message list); returns the decoded replies.
 
-    Greedy unless `do_sample`. Generation stops at eos (the reply excludes it and anything after);
-    a long prompt keeps its last `max_prompt_length` tokens. With `seed`, sampling is reproducible and
-    the global RNG state is restored afterwards.
+    Greedy unless `do_sample` (then `temperature`, `top_k`, `top_p`; `top_k=50` is the default
+    transformers' `generate` applied when this function called it, kept so sampled evaluations
+    mean what they meant; 0 disables it). Generation stops at eos or once the reply contains one of
+    `stop_strings`; the reply excludes the eos or stop string and anything after. A long prompt
+    keeps its last `max_prompt_length` tokens. With `seed`, sampling is reproducible and the global
+    RNG state is restored afterwards. `engine`: see `equilibrate_pl.models.rollout_engine`.
     """
     from tqdm.auto import tqdm
 
@@ -59,15 +59,20 @@ def generate(
             "Set tokenizer.chat_template (e.g. copy it from the instruct model's tokenizer)"
         )
     collator = PromptCollator(tokenizer, max_length=max_prompt_length + 1, max_prompt_length=max_prompt_length)
-    eos_ids = _eos_ids(model, tokenizer)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids(model, tokenizer), pad_token_id=pad_id,
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, stop_strings=tuple(stop_strings),
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
 
     order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))
     replies: list[str] = [""] * len(prompts)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # Resolved once for the longest possible rows, so every batch shares the engine's set-up
+    # (prepacked weights: the model does not change between batches).
+    engine = resolve_engine(engine, model, max_prompt_length + max_new_tokens)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), engine.session(model, batch_size):
         if seed is not None:
             torch.manual_seed(seed)
         bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
@@ -76,19 +81,19 @@ def generate(
             batch = collator.collate_records([{"prompt": prompts[i]} for i in idx])
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=eos_ids,
-                **sampling,
-            )
-            new_tokens = out[:, input_ids.shape[1] :].tolist()
-            for i, tokens in zip(idx, new_tokens):
-                cut = next((k for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
-                replies[i] = tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+            out = generate_tokens(model, input_ids, attention_mask, params, engine=engine, tokenizer=tokenizer)
+            for i, tokens, length in zip(idx, out.responses.tolist(), out.lengths.tolist()):
+                tokens = tokens[:length]
+                if tokens and tokens[-1] in params.eos_token_ids:
+                    tokens = tokens[:-1]
+                replies[i] = _cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings).strip()
             bar.update(len(idx))
         bar.close()
     model.train(was_training)
     return replies
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any of ``stop_strings``."""
+    cuts = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return text[: min(cuts)] if cuts else text

@@ -2,8 +2,10 @@
 
 One ``training_step`` = one PPO iteration on a batch of prompts:
 
-1. **generation** — ``generate`` with the KV cache (FSDP2 weights gathered once, see
-   :func:`~equilibrate_pl.modules.rollout.gathered_for_generation`), on the module's own RNG stream;
+1. **generation** — the rollout engine (``models.rollout_engine``: a preallocated KV cache, each
+   prompt run once for its samples; transformers' ``generate`` as the fallback), FSDP2 weights
+   gathered once (:func:`~equilibrate_pl.modules.rollout.gathered_for_generation`), on the module's
+   own RNG stream;
 2. **scoring** — actor and reference log-probs, critic values, reward-model scores at the last real
    token and per-prefix (dense) scores, all in one forward pass per model;
 3. **advantages** — per-token rewards (score on the last token minus ``kl_coef * KL``), GAE or a
@@ -56,12 +58,12 @@ from equilibrate_pl.distributed import (
     destroy_process_group_at_exit,
     global_explained_variance,
     global_masked_stats,
-    is_multi_process,
     rank,
     world_size,
 )
 from equilibrate_pl.models.forward import rollout_scores, rollout_token_logprobs
 from equilibrate_pl.models.loading import adapter_disabled, check_adapter_reference
+from equilibrate_pl.models.rollout_engine import ENGINES, SamplingParams, generate_tokens
 from equilibrate_pl.models.scalar_head import init_scalar_head
 from equilibrate_pl.modules.common import (
     ModelSettings,
@@ -82,7 +84,6 @@ from equilibrate_pl.modules.rollout import (
     disable_dropout,
     gathered_for_generation,
     is_sharded,
-    response_mask,
     shard_module,
 )
 
@@ -106,6 +107,10 @@ class GenerationSettings:
             off-policy; keep the defaults unless you know you want that.
         missing_eos_penalty: subtracted from the score of a truncated response (docs/PPO.md: responses without EOS;
             torchtune uses 3.0). 0 scores truncated responses like any other.
+        stop_strings: a response also ends (and is not truncated) once its text contains one of these;
+            the tokens through the one that completes it are the response.
+        engine: the rollout engine (``models.rollout_engine``): ``auto`` (the KV-cache engine where
+            the actor allows, else transformers' ``generate``), ``kv`` or ``hf``.
     """
 
     max_new_tokens: int = 32
@@ -114,12 +119,16 @@ class GenerationSettings:
     top_k: int = 0
     top_p: float = 1.0
     missing_eos_penalty: float = 0.0
+    stop_strings: Optional[list[str]] = None
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0, got {self.temperature}")
+        if self.engine != "auto" and self.engine not in ENGINES:
+            raise ValueError(f"generation.engine must be 'auto' or one of {sorted(ENGINES)}, got {self.engine!r}")
 
 
 @dataclass
@@ -504,24 +513,20 @@ class PolicyModule(LightningModule):
             input_ids = input_ids.repeat_interleave(k, dim=0)
             prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
             groups = [g for g in groups for _ in range(k)]
-        if prompt_mask[:, -1].eq(0).any():
-            raise ValueError("prompt batches must be LEFT padded (every prompt ends at the last column)")
         g = self.generation
         pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, pad_token_id=pad_id, eos_token_id=eos_id,
-            use_cache=True, synced_gpus=is_multi_process(),
+        params = SamplingParams(
+            max_new_tokens=g.max_new_tokens, eos_token_ids=(eos_id,), pad_token_id=pad_id, do_sample=g.do_sample,
+            temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_strings=tuple(g.stop_strings or ()),
         )
-        if g.do_sample:
-            kwargs.update(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
         if self.rollout_rng is None:
             self._init_rng()
         with self.rollout_rng.fork(), gathered_for_generation(self.actor):
-            out = self.actor.generate(input_ids=input_ids, attention_mask=prompt_mask, **kwargs)
+            out = generate_tokens(self.actor, input_ids, prompt_mask, params, engine=g.engine, tokenizer=self.tokenizer,
+                                  group=k if self.share_prompt else 1)
         prompt_length = input_ids.shape[1]
-        responses = out[:, prompt_length:]
-        mask, truncated = response_mask(responses, eos_id)
-        responses = responses.masked_fill(~mask, pad_id)
+        mask, truncated = out.response_mask, ~out.finished
+        responses = out.responses.masked_fill(~mask, pad_id)
         return Rollout(
             prompt_length=prompt_length,
             sequences=torch.cat([input_ids, responses], dim=1),

@@ -76,3 +76,16 @@ def test_bad_arguments(lm):
     model, tok = lm
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, tok, PROMPTS, max_new_tokens=0)
+
+
+def test_engines_agree_and_stop_strings_cut_the_reply(lm):
+    model, tok = lm
+    kv = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=2, progress=False, engine="kv")
+    hf = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=2, progress=False, engine="hf")
+    assert kv == hf
+    tokens = _greedy_reference(model, tok, PROMPTS[0], 6)
+    stop = tok.decode(tokens[2:4])
+    assert stop.strip() and stop in kv[0]
+    for engine in ("kv", "hf"):
+        cut = generate(model, tok, PROMPTS[:1], max_new_tokens=6, progress=False, stop_strings=[stop], engine=engine)[0]
+        assert cut == kv[0][: kv[0].index(stop)].strip()
