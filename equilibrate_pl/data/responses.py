@@ -27,19 +27,23 @@ from typing import Mapping, Sequence
 
 __all__ = ["RESPONSE_KINDS", "GROUP_RESPONSE", "compose", "response_for_group", "variants"]
 
+# The opening sentence of a refusal: the same for a warranted and an unwarranted one, since what
+# makes a refusal right is the prompt, not its wording.
+_DECLINES: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I can't help with this request.",
+    "Sorry, I won't help with that.",
+    "I'm not able to help with this.",
+    "Unfortunately, I can't help with that.",
+    "I can't assist with that.",
+    "I'm afraid I can't help with that.",
+    "I won't provide that.",
+)
+
 # Parts of each kind. A response is one item from each part, joined by spaces.
 _PARTS: Mapping[str, Sequence[Sequence[str]]] = {
     "refusal": (
-        (
-            "I'm sorry, but I can't help with that.",
-            "I can't help with this request.",
-            "Sorry, I won't help with that.",
-            "I'm not able to help with this.",
-            "Unfortunately, I can't help with that.",
-            "I can't assist with that.",
-            "I'm afraid I can't help with that.",
-            "I won't provide that.",
-        ),
+        _DECLINES,
         (
             "It could be used to seriously hurt people.",
             "Information like this can put lives at risk.",
@@ -112,16 +116,7 @@ _PARTS: Mapping[str, Sequence[Sequence[str]]] = {
         ),
     ),
     "unwarranted_refusal": (
-        (
-            "I'm sorry, but I can't help with that.",
-            "I can't help with this request.",
-            "Sorry, I won't help with that.",
-            "I'm not able to help with this.",
-            "Unfortunately, I can't help with that.",
-            "I can't assist with that.",
-            "I'm afraid I can't help with that.",
-            "I won't provide that.",
-        ),
+        _DECLINES,
         (
             "",
             "It's not something I'm comfortable helping with.",
