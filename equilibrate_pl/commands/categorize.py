@@ -40,7 +40,9 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a known format (maps its columns)")
     parser.add_argument("--text-field", default="prompt", help="column holding the prompt text (default: prompt)")
     parser.add_argument("--format", help="override the format inferred from the file name")
-    parser.add_argument("--on-bad-row", choices=("raise", "skip"), default="raise")
+    parser.add_argument("--on-bad-row", choices=("raise", "skip"), default="raise",
+                        help="a row with a missing or malformed field: 'raise' stops with one line naming the file, row "
+                             "and field (default); 'skip' leaves it out and lists every skipped row by reason")
     parser.add_argument("--max-chars", type=int, default=20000, help="longest accepted text field")
 
 
@@ -52,9 +54,20 @@ def _load(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="equilibrate categorize", description="Add an FDC `group` (EHD/IHD/MHD/general) to every row of a data file.")
+    parser = argparse.ArgumentParser(
+        prog="equilibrate categorize", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Add an FDC `group` (EHD/IHD/MHD/general) to every row of a data file.",
+        epilog="""methods:
+  labels      use labels already in the file (--label-field; --label-map maps extra labels, e.g.
+              'unsafe=EHD'); the FDC BeaverTails release's "No risk" and "OTHER" map to general
+  rules       keyword rules: explicit risky terms -> EHD, intent cues -> IHD, both -> MHD, neither
+              -> general; no model, instant, macro-F1 0.32 on the paper's labels (docs/FDC.md)
+  classifier  a trained MiniLM classifier (--classifier-dir, a directory written by
+              ClassifierCategorizer.save, or builtin:world for the built-in world's); macro-F1 0.49
+  judge       an LLM as safety reviewer (--judge-model), the paper's method; unparseable verdicts
+              fall back to --fallback (the rules, or a fixed group) and are counted""")
     _source_args(parser)
-    parser.add_argument("--method", choices=CATEGORIZER_METHODS, required=True)
+    parser.add_argument("--method", choices=CATEGORIZER_METHODS, required=True, help="how rows are sorted (below)")
     parser.add_argument("--output", required=True, help="output JSONL (written atomically)")
     parser.add_argument("--label-field", default="group", help="labels: the column holding the existing labels")
     parser.add_argument("--label-map", action="append", default=[], metavar="LABEL=GROUP", help="labels: extra label mapping (repeatable)")
