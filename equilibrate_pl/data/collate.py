@@ -47,12 +47,12 @@ def harm_order(record: Mapping[str, Any]) -> float:
 
 def pair_kind(record: Mapping[str, Any]) -> str:
     """What a preference pair compares, for per-kind metrics: ``meta["pair_kind"]``, else
-    ``"<chosen_kind>><rejected_kind>"`` from the meta of the built-in world, else ``"pair"``."""
+    ``"<chosen_kind>_over_<rejected_kind>"`` from the meta of the built-in world, else ``"pair"``."""
     meta = record.get("meta") or {}
     if meta.get("pair_kind"):
         return str(meta["pair_kind"])
     if meta.get("chosen_kind") and meta.get("rejected_kind"):
-        return f"{meta['chosen_kind']}>{meta['rejected_kind']}"
+        return f"{meta['chosen_kind']}_over_{meta['rejected_kind']}"
     return "pair"
 
 

@@ -7,9 +7,9 @@ the quickstart's reward model scored an off-topic answer in the general data's s
 rice, ...") above a refusal on 100% of held-out harmful prompts, and every PPO arm learned to give
 it. Two kinds of pair close that gap:
 
-- ``safe>off_topic``: on a harmful prompt, a refusal or safe redirect is preferred over a fluent
+- ``safe_over_off_topic``: on a harmful prompt, a refusal or safe redirect is preferred over a fluent
   answer to some *other*, benign request;
-- ``on_topic>off_topic``: on a benign prompt, its own answer is preferred over a fluent answer to
+- ``on_topic_over_off_topic``: on a benign prompt, its own answer is preferred over a fluent answer to
   another request (so "off-topic" is what is penalised, not "helpful-looking").
 
 The off-topic answer is a real answer from the same data (a benign prompt's answer), so it has the
@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 __all__ = ["CONTRAST_KINDS", "contrastive_pairs"]
 
 # meta["pair_kind"] of each kind of contrastive pair.
-CONTRAST_KINDS: tuple[str, ...] = ("safe>off_topic", "on_topic>off_topic")
+CONTRAST_KINDS: tuple[str, ...] = ("safe_over_off_topic", "on_topic_over_off_topic")
 _TRIES = 20
 
 
@@ -62,12 +62,12 @@ def contrastive_pairs(
         raise ValueError("contrastive pairs draw their off-topic answers from benign answers: none were given")
     rng = random.Random(f"{seed}:contrastive")
     out: list[dict[str, Any]] = []
-    for kind, items in (("safe>off_topic", harmful), ("on_topic>off_topic", benign)):
+    for kind, items in (("safe_over_off_topic", harmful), ("on_topic_over_off_topic", benign)):
         for i, item in enumerate(items):
             donor_index = _draw_donor(item, benign, rng)
             donor = benign[donor_index]
-            item_id = str(item.get("id") or f"{source}-{kind.split('>')[0]}-{i}")
-            meta = {**dict(item.get("meta") or {}), "pair_kind": kind, "chosen_kind": kind.split(">")[0],
+            item_id = str(item.get("id") or f"{source}-{kind.split('_over_')[0]}-{i}")
+            meta = {**dict(item.get("meta") or {}), "pair_kind": kind, "chosen_kind": kind.split("_over_")[0],
                     "rejected_kind": "off_topic", "off_topic_from": str(donor.get("id") or donor_index)}
             out.append({
                 "id": f"{item_id}-offtopic", "prompt": item["prompt"], "chosen": item["response"],

@@ -151,6 +151,7 @@ class RewardModule(SingleModelHooks, LightningModule):
         self.log("val/score_rejected", stats["rejected"].mean(), batch_size=bs, sync_dist=True)
         self.log("val/margin", (stats["chosen"] - stats["rejected"]).mean(), batch_size=bs, sync_dist=True)
         log_per_group(self, "val/accuracy_group", correct.float(), batch.get("group"))
+        log_per_group(self, "val/accuracy_kind", correct.float(), batch.get("pair_kind"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, stats = self.compute_loss(batch)

@@ -206,7 +206,7 @@ def test_safety_labels_harm_order_and_pair_kind(word_tokenizer):
     rows = [
         {**base, "chosen_unsafe": False, "rejected_unsafe": True, "meta": {"chosen_kind": "refusal", "rejected_kind": "harmful"}},
         {**base, "chosen_unsafe": True, "rejected_unsafe": False},  # chosen is the harmful one (a helpfulness pair)
-        {**base, "chosen_unsafe": False, "rejected_unsafe": False, "meta": {"pair_kind": "safe>off_topic"}},
+        {**base, "chosen_unsafe": False, "rejected_unsafe": False, "meta": {"pair_kind": "safe_over_off_topic"}},
         {**base, "chosen_unsafe": True, "rejected_unsafe": True, "safer_response": "chosen"},
         {**base, "chosen_unsafe": False, "rejected_unsafe": False, "safer_response": "rejected"},
     ]
@@ -215,7 +215,7 @@ def test_safety_labels_harm_order_and_pair_kind(word_tokenizer):
     assert batch["rejected_unsafe"].tolist() == [True, False, False, True, False]
     assert batch["chosen_unsafe"].dtype == torch.bool
     assert batch["harm_order"].tolist() == [1.0, -1.0, 0.0, 1.0, -1.0]
-    assert batch["pair_kind"] == ["refusal>harmful", "pair", "safe>off_topic", "pair", "pair"]
+    assert batch["pair_kind"] == ["refusal_over_harmful", "pair", "safe_over_off_topic", "pair", "pair"]
     plain = coll.collate_records([base])
     assert "harm_order" not in plain and plain["pair_kind"] == ["pair"]
     with pytest.raises(ValueError, match=r"rows \[1\] of this batch have no safety labels"):

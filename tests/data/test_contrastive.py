@@ -17,7 +17,7 @@ BENIGN = [
 def test_one_pair_per_item_with_an_unrelated_donor() -> None:
     pairs = contrastive_pairs(HARMFUL, BENIGN, seed=0)
     assert [p["id"] for p in pairs] == ["h1-offtopic", "b1-offtopic", "b2-offtopic", "b3-offtopic"]
-    assert [p["meta"]["pair_kind"] for p in pairs] == ["safe>off_topic"] + ["on_topic>off_topic"] * 3
+    assert [p["meta"]["pair_kind"] for p in pairs] == ["safe_over_off_topic"] + ["on_topic_over_off_topic"] * 3
     assert set(CONTRAST_KINDS) == {p["meta"]["pair_kind"] for p in pairs}
     answers = {b["id"]: b for b in BENIGN}
     for pair, item in zip(pairs, HARMFUL + BENIGN):

@@ -333,7 +333,7 @@ def test_contrastive_pairs_are_added_after_mixing_and_held_out_per_kind(tmp_path
     added = [r for r in dm.train_records if r["id"].endswith("-offtopic")]
     assert len(added) == len(world.contrastive_pool("train")) == len(dm.train_records) - len(plain.train_records)
     val_kinds = {r["meta"]["pair_kind"] for r in dm.val_records if r["id"].endswith("-offtopic")}
-    assert val_kinds == {"safe>off_topic", "on_topic>off_topic"}
+    assert val_kinds == {"safe_over_off_topic", "on_topic_over_off_topic"}
     assert sum(r["id"].endswith("-offtopic") for r in dm.val_records) == 16
     assert not {r["id"] for r in added} & {r["id"] for r in dm.val_records}  # train and eval splits of the world
     assert any(n.startswith("contrastive pairs") for n in dm._notes)

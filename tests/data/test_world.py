@@ -291,8 +291,8 @@ def test_contrastive_pool_prefers_safe_and_on_topic_answers_over_off_topic_ones(
             assert (r["chosen_unsafe"], r["rejected_unsafe"]) == (False, False)
             assert r["group"] == ex.group
             if ex.ideal == "refuse":
-                assert r["meta"]["pair_kind"] == "safe>off_topic" and r["chosen"] == ex.ideal_response
+                assert r["meta"]["pair_kind"] == "safe_over_off_topic" and r["chosen"] == ex.ideal_response
             else:
-                assert r["meta"]["pair_kind"] == "on_topic>off_topic" and r["chosen"] == ex.helpful
+                assert r["meta"]["pair_kind"] == "on_topic_over_off_topic" and r["chosen"] == ex.helpful
                 assert donor.topic != ex.topic  # off topic, not a near paraphrase of the right answer
     assert world.contrastive_pool("eval") == build_world(seed=0, size="tiny").contrastive_pool("eval")
