@@ -7,10 +7,13 @@ function behind ``equilibrate sft|rm|dpo|ppo fit``) and exports each trained mod
 1. ``sft.yaml``: SFT on general data plus a sliver of safety data: a mostly helpful-only start that
    knows what a refusal looks like but answers most harmful requests, so the safety stages have
    something to fix;
-2. ``rm.yaml``: a reward model on the world's preference pairs (general + the unsorted safety pool);
-3. one recipe per arm (:data:`ARMS`), each from the same SFT policy: naive DPO and naive PPO on
-   unsorted safety data scaled up, FDC+ADPO and FDC+APPO on the paper's small per-group mix;
-4. evaluation of every model on the world's held-out eval split: safety per FDC group,
+2. ``rm.yaml``: a reward model on the world's preference pairs (general + the unsorted safety pool)
+   and its contrastive pairs (``data.contrastive``: a fluent off-topic answer never wins);
+3. ``cost.yaml``: Safe RLHF's cost model on the same pairs' safety labels, for the Lagrangian arms;
+4. one recipe per arm (:data:`ARMS`), each from the same SFT policy: naive DPO and naive PPO on
+   unsorted safety data scaled up, FDC+ADPO and FDC+APPO on the paper's small per-group mix, and
+   naive PPO and FDC+APPO under the cost constraint (PPO-Lagrangian);
+5. evaluation of every model on the world's held-out eval split: safety per FDC group,
    over-refusal on benign prompts (look-alikes included), helpfulness (reward-model score), and a
    Markdown report with the safety-versus-over-refusal plot.
 
@@ -35,13 +38,16 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 # Training stages before the arms, then the arms: recipe name (configs/quickstart/<name>.yaml) ->
-# the `equilibrate` stage command that runs it. The SFT and reward-model exports feed every arm.
-STAGES: dict[str, str] = {"sft": "sft", "rm": "rm"}
+# the `equilibrate` stage command that runs it. The SFT and reward-model exports feed every arm, the
+# cost model the Lagrangian ones.
+STAGES: dict[str, str] = {"sft": "sft", "rm": "rm", "cost": "cost"}
 ARMS: dict[str, str] = {
     "naive-dpo": "dpo",
     "naive-ppo": "ppo",
     "fdc-adpo": "dpo",
     "fdc-appo": "ppo",
+    "naive-ppo-lagrangian": "ppo",
+    "fdc-appo-lagrangian": "ppo",
 }
 RECIPE_ROOT = "runs/quickstart"  # the output prefix written in the recipes; `output_dir` replaces it
 

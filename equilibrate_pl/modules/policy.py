@@ -201,6 +201,10 @@ class ConstraintSettings:
             (the group estimator on each prompt's samples: GRPO-normalised costs, or RLOO under
             ``advantage: rloo``; needs ``samples_per_prompt >= 2``). ``None``: a cost critic exactly
             when the reward side has a critic (``advantage: gae``).
+        groups: FDC groups whose episodes enter the mean cost lambda is updated on (``None``: every
+            episode). An FDC mix is mostly general prompts, whose safe answers would dilute the mean
+            cost until no harmful prompt could move it; ``[EHD, IHD, MHD]`` constrains the safety
+            prompts. Every episode's cost still enters its advantage.
     """
 
     threshold: float = 0.0
@@ -210,10 +214,16 @@ class ConstraintSettings:
     update_delay: int = 0
     window: int = 0
     use_cost_critic: Optional[bool] = None
+    groups: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         # The multiplier checks its own arguments; build one now so a bad setting fails at start-up.
         self.multiplier()
+        if self.groups is not None:
+            unknown = sorted(set(self.groups) - set(GROUP_NAMES))
+            if unknown or not self.groups:
+                raise ValueError(f"constraint.groups must be a non-empty list of {list(GROUP_NAMES)}, got {self.groups}")
+            self.groups = list(self.groups)
 
     def multiplier(self) -> LagrangeMultiplier:
         return LagrangeMultiplier(self.threshold, self.lambda_init, self.lambda_lr, self.lambda_max, self.update_delay, self.window)
@@ -787,9 +797,13 @@ class PolicyModule(LightningModule):
         return combine_advantages(signal, cost_signal, self.multiplier.value)
 
     def update_multiplier(self, rollout: Rollout) -> None:
-        """Add this iteration's episode costs (every rank's) to the multiplier's window and step
-        lambda (``algorithms.lagrangian.LagrangeMultiplier``); every rank takes the same step."""
-        costs = [c for rank_costs in all_gather_objects(rollout.shaped_costs.tolist()) for c in rank_costs]
+        """Add this iteration's episode costs (every rank's; those of ``constraint.groups``) to the
+        multiplier's window and step lambda (``algorithms.lagrangian.LagrangeMultiplier``); every rank
+        takes the same step. An iteration without such episodes leaves lambda as it is."""
+        mine = rollout.shaped_costs.tolist()
+        if self.constraint.groups is not None:
+            mine = [c for c, g in zip(mine, rollout.groups) if g in self.constraint.groups]
+        costs = [c for rank_costs in all_gather_objects(mine) for c in rank_costs]
         self.multiplier.update(costs, iteration=self.global_step)
 
     def policy_mask(self, rollout: Rollout) -> torch.Tensor:

@@ -272,3 +272,18 @@ def test_resume_equals_uninterrupted_with_the_multiplier_and_the_cost_critic(equ
     plain = {"policy_state": {k: v for k, v in torch.load(path, weights_only=True)["policy_state"].items() if k != "lagrange_multiplier"}}
     with pytest.raises(ValueError, match="without a constraint"):
         build().on_load_checkpoint(plain)
+
+
+def test_constraint_groups_choose_the_episodes_lambda_is_updated_on() -> None:
+    module = PolicyModule(constraint={"threshold": 0.0, "lambda_lr": 1.0, "groups": ["EHD", "MHD"]})
+    rollout = hand_rollout([0.0] * 4, [1] * 4, [False] * 4, width=1)
+    rollout.groups = ["general", "EHD", "general", "MHD"]
+    rollout.shaped_costs = torch.tensor([-9.0, 1.0, -9.0, 2.0])
+    module.update_multiplier(rollout)
+    assert module.multiplier.mean_cost() == 1.5  # the general episodes do not dilute it
+    assert module.multiplier.value == pytest.approx(math.exp(1.5))
+    rollout.groups = ["general"] * 4  # no constrained episode: lambda stays
+    module.update_multiplier(rollout)
+    assert module.multiplier.value == pytest.approx(math.exp(1.5))
+    with pytest.raises(ValueError, match="constraint.groups"):
+        PolicyModule(constraint={"groups": ["harmful"]})
