@@ -22,6 +22,7 @@ from tests.modules.test_policy import (
     make_trainer,
     prompt_batch,
     prompt_datamodule,
+    straight_and_resumed,
     tiny_tokenizer_and_models,
     trainable_state,
     world_lexicon_reward,
@@ -231,8 +232,6 @@ def test_the_constraint_holds_down_a_cost_that_plain_ppo_raises(equilibrate_cach
 def test_resume_equals_uninterrupted_with_the_multiplier_and_the_cost_critic(equilibrate_cache: Path, tmp_path: Path) -> None:
     """4 iterations straight == 2, checkpoint, new process state, 2 more: lambda, its window of
     episode costs, the cost critic and its optimizer resume exactly."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     def build() -> PolicyModule:
         tok, actor, _, critic = tiny_tokenizer_and_models()
         return PolicyModule.from_models(
@@ -249,17 +248,10 @@ def test_resume_equals_uninterrupted_with_the_multiplier_and_the_cost_critic(equ
         out.update({f"cost_critic.{k}": v.detach().clone() for k, v in module.cost_critic.state_dict().items()})
         return out
 
-    straight = build()
-    make_trainer(max_steps=4).fit(straight, datamodule=prompt_datamodule())
-    first = build()
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    make_trainer(max_steps=2, enable_checkpointing=True, callbacks=[ckpt]).fit(first, datamodule=prompt_datamodule())
+    straight, first, resumed = straight_and_resumed(build, tmp_path)
     path = tmp_path / "step=2.ckpt"
     saved = torch.load(path, weights_only=True)["policy_state"]["lagrange_multiplier"]
     assert saved["costs"].numel() == 6  # the window crossed iterations
-    torch.manual_seed(12345)  # a different global RNG state must not matter
-    resumed = build()
-    make_trainer(max_steps=4).fit(resumed, datamodule=prompt_datamodule(), ckpt_path=str(path))
 
     a, b, mid = state(straight), state(resumed), state(first)
     assert any(not torch.equal(a[k], mid[k]) for k in a if k.startswith("cost_critic."))  # steps 3-4 moved the cost critic
