@@ -830,8 +830,10 @@ class PolicyModule(LightningModule):
             self.score(rollout)
             rollout.rewards, rollout.kl, rollout.shaped_scores = self.compute_rewards(batch, rollout)
             self.score_costs(rollout)
-            if rollout.cost_scores is not None:
+            if self.constraint is not None:
                 rollout.cost_rewards, _, rollout.shaped_costs = self.compute_cost_rewards(batch, rollout)
+            elif rollout.cost_scores is not None:  # monitored only: a bad cost must not stop training
+                rollout.shaped_costs = self.compute_costs(batch, rollout)
         finite = torch.isfinite(rollout.rewards).all() & torch.isfinite(rollout.logprobs).all()
         for extra in (rollout.values, rollout.cost_rewards, rollout.cost_values):
             if extra is not None:
