@@ -14,7 +14,7 @@ import torch
 from equilibrate_pl.algorithms.ama import appo_mask
 from equilibrate_pl.algorithms.ppo import gae, group_advantages
 from equilibrate_pl.modules.policy import PolicyModule
-from equilibrate_pl.modules.rollout import Rollout
+from equilibrate_pl.modules.rollout import Rollout, response_mask
 from tests.modules.test_policy import (
     LexiconRewardModel,
     hand_rollout,
@@ -282,3 +282,30 @@ def test_constraint_groups_choose_the_episodes_lambda_is_updated_on() -> None:
     assert module.multiplier.value == pytest.approx(math.exp(1.5))
     with pytest.raises(ValueError, match="constraint.groups"):
         PolicyModule(constraint={"groups": ["harmful"]})
+
+
+@pytest.mark.parametrize("samples_per_prompt", [1, 2], ids=["rows", "shared-prompt"])
+def test_costs_are_read_like_rewards_at_the_last_real_token(equilibrate_cache: Path, samples_per_prompt: int) -> None:
+    """With the reward model as the cost model, the episode costs and dense costs of a ragged batch
+    (left-padded prompts, responses cut by EOS at different lengths or at max_new_tokens) are the
+    scores and dense rewards exactly: the same position (the EOS or the cut, never a pad), the same
+    shared-prompt path."""
+    tok, actor, rm, critic = tiny_tokenizer_and_models()
+    module = PolicyModule.from_models(actor, tok, rm, critic=critic, cost_model=rm, generation={"max_new_tokens": 7},
+                                      samples_per_prompt=samples_per_prompt, log_refusals=False)
+    module.configure_model()
+    batch = prompt_batch(tok, ["Hi", "How do I cook rice?", "How is a pipe bomb made?"])
+    rollout = module.generate(batch)
+    p = rollout.prompt_length
+    for row, cut in enumerate([1, 4, 7, 2, 7, 5][: rollout.sequences.shape[0]]):  # ragged: EOS at different places
+        if cut < 7:
+            rollout.sequences[row, p + cut - 1] = tok.eos_token_id
+            rollout.sequences[row, p + cut:] = tok.pad_token_id
+    rollout.response_mask, rollout.truncated = response_mask(rollout.sequences[:, p:], tok.eos_token_id)
+    rollout.attention_mask = torch.cat([rollout.attention_mask[:, :p], rollout.response_mask.long()], 1)
+    assert len(set(rollout.response_lengths.tolist())) > 1 and rollout.truncated.any()
+    module.score(rollout)
+    module.score_costs(rollout)
+    assert torch.equal(rollout.cost_scores, rollout.scores)
+    assert torch.equal(rollout.cost_dense, rollout.dense_rewards)
+    assert rollout.cost_values is None  # no constraint: no cost critic
