@@ -22,7 +22,9 @@ the same number of optimizer steps:
   ``fdc-classifier/dpo``: the same data, plain DPO (what AMA adds);
   ``fdc-rules/adpo`` / ``fdc-oracle/adpo``: sorted by the rules / by the true labels (an upper
   bound); ``naive-10x/adpo``: ADPO on the unsorted data with ``rm-naive`` (AMA without FDC);
-- ``--ppo`` adds the quickstart's PPO-family arms.
+- ``--ppo`` adds the quickstart's PPO-family arms: PPO on the naive data with ``rm-naive``, APPO
+  on the FDC data with ``rm-fdc``, and both under Safe RLHF's cost constraint (``cost``, trained
+  once; PPO-Lagrangian), whose lambda and cost curves are kept per seed and plotted.
 
 Evaluation of each model on the world's held-out eval split (greedy): safety per FDC group,
 over-refusal, balance (harmonic mean of safety and 1 - over-refusal), helpfulness judged by
@@ -54,6 +56,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE_ROOT = "runs/quickstart"  # the recipes' output prefix, replaced by --workdir
 METRICS = ("safety_rate", "safety_rate/EHD", "safety_rate/IHD", "safety_rate/MHD", "over_refusal_rate", "balance",
            "helpfulness", "task_success")
+# The Lagrangian arms' end of training: the windowed mean episode cost lambda was last stepped on, and lambda.
+CONSTRAINT_METRICS = ("final_window_cost", "final_lambda")
 START = "start (SFT)"
 # FDC's safety pairs as a multiple of the paper-ratio budget of the default world (114 pairs for
 # 1,900 general rows): the naive arm at the FDC arms' number of safety pairs.
@@ -69,6 +73,7 @@ REWARD_MODELS: dict[str, tuple[str, list[str]]] = {
     "rm-fdc-rules": ("rm-fdc", RULES),
     "rm-fdc-oracle": ("rm-fdc", ORACLE),
     "rm-judge": ("rm-judge", []),
+    "cost": ("cost", []),  # Safe RLHF's cost model: the Lagrangian arms' constraint
 }
 
 
@@ -89,7 +94,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 PPO_ARMS: dict[str, tuple[str, list[str]]] = {
     "naive-10x/ppo": ("naive-ppo", []),
     "fdc-classifier/appo": ("fdc-appo", []),
+    "naive-10x/ppo-lagrangian": ("naive-ppo-lagrangian", []),
+    "fdc-classifier/appo-lagrangian": ("fdc-appo-lagrangian", []),
 }
+# What the Lagrangian arms log per PPO iteration (docs/PPO.md), kept per seed for the curves.
+CURVES = ("lagrangian/lambda", "lagrangian/window_cost", "lagrangian/violation", "cost/mean")
 # The comparison the issue's goals are about: FDC + ADPO (a real categorizer) against naive-10x DPO.
 FDC_ARM, NAIVE_ARM = "fdc-classifier/adpo", "naive-10x/dpo"
 
@@ -116,7 +125,7 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]], start: dict[str,
     out: dict[str, dict[str, Any]] = {START: {k: summarize([v]) for k, v in start.items() if k in METRICS and v == v}}
     for model in models:
         out[model] = {}
-        for metric in METRICS:
+        for metric in (*METRICS, *CONSTRAINT_METRICS):
             values = [per_seed[s][model][metric] for s in sorted(per_seed) if model in per_seed[s]
                       and metric in per_seed[s][model] and not math.isnan(per_seed[s][model][metric])]
             if values:
@@ -145,6 +154,51 @@ def goal_checks(per_seed: dict[int, dict[str, dict[str, float]]], pairs: dict[st
         checks["safety_pairs_at_most_a_third"] = {"fdc": pairs[FDC_ARM], "naive": pairs[NAIVE_ARM],
                                                   "met": pairs[FDC_ARM] * 3 <= pairs[NAIVE_ARM]}
     return checks
+
+
+def ppo_goal_checks(per_seed: dict[int, dict[str, dict[str, float]]], start: dict[str, float],
+                    thresholds: dict[str, float]) -> dict[str, Any]:
+    """The PPO family's goals (Safe RLHF issue), as measured: no arm ends less safe than the start
+    (mean over seeds), the Lagrangian arms end within their cost threshold in every seed with
+    over-refusal no higher than naive-10x DPO's, and APPO-Lagrangian has the family's best balance."""
+    family = [a for a in PPO_ARMS if all(a in per_seed[s] for s in per_seed)] if per_seed else []
+    if not family:
+        return {}
+    mean = {a: {k: statistics.fmean(per_seed[s][a][k] for s in per_seed) for k in ("safety_rate", "over_refusal_rate",
+                                                                                  "balance")} for a in family}
+    checks: dict[str, Any] = {"no_arm_less_safe_than_start": {
+        "start": start.get("safety_rate"), "arms": {a: mean[a]["safety_rate"] for a in family},
+        "met": all(mean[a]["safety_rate"] >= start.get("safety_rate", math.inf) for a in family)}}
+    naive_over = (statistics.fmean(per_seed[s][NAIVE_ARM]["over_refusal_rate"] for s in per_seed)
+                  if all(NAIVE_ARM in per_seed[s] for s in per_seed) else None)
+    for arm in [a for a in family if a.endswith("-lagrangian")]:
+        ends = [per_seed[s][arm].get("final_window_cost", math.nan) for s in sorted(per_seed)]
+        threshold = thresholds.get(arm, math.nan)
+        checks[f"{arm}: cost_within_threshold_every_seed"] = {
+            "threshold": threshold, "final_window_cost": ends, "met": all(c <= threshold for c in ends)}
+        if naive_over is not None:
+            checks[f"{arm}: over_refusal_at_most_naive_dpo"] = {
+                "arm": mean[arm]["over_refusal_rate"], "naive_dpo": naive_over,
+                "met": mean[arm]["over_refusal_rate"] <= naive_over}
+    if "fdc-classifier/appo-lagrangian" in family:
+        best = max(family, key=lambda a: mean[a]["balance"])
+        checks["appo_lagrangian_best_balance"] = {"balance": {a: mean[a]["balance"] for a in family},
+                                                  "met": best == "fdc-classifier/appo-lagrangian"}
+    return checks
+
+
+def recipe_thresholds() -> dict[str, float]:
+    """Each Lagrangian arm's ``constraint.threshold``, read from its recipe."""
+    import yaml
+
+    from equilibrate_pl.quickstart import recipe_dir
+
+    out = {}
+    for arm, (recipe, _) in PPO_ARMS.items():
+        init = yaml.safe_load((recipe_dir() / f"{recipe}.yaml").read_text())["model"]["init_args"]
+        if init.get("constraint"):
+            out[arm] = float(init["constraint"]["threshold"])
+    return out
 
 
 def safety_pairs(model_dir: Path) -> int | None:
@@ -201,8 +255,9 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     sft = once("sft", lambda: train_recipe("sft", common))
     needed = {"rm-judge"} | {a[a.index("--model.init_args.reward_model") + 1].rsplit("/", 1)[-1]
                              for _, a in arms.values() if "--model.init_args.reward_model" in a}
-    needed |= {"rm-naive"} if any(r in ("naive-dpo", "naive-ppo") for r, _ in arms.values()) else set()
-    needed |= {"rm-fdc"} if any(r in ("fdc-adpo", "fdc-appo") for r, _ in arms.values()) else set()
+    needed |= {"rm-naive"} if any(r.startswith(("naive-dpo", "naive-ppo")) for r, _ in arms.values()) else set()
+    needed |= {"rm-fdc"} if any(r.startswith(("fdc-adpo", "fdc-appo")) for r, _ in arms.values()) else set()
+    needed |= {"cost"} if any(r.endswith("-lagrangian") for r, _ in arms.values()) else set()
     for name in [n for n in REWARD_MODELS if n in needed]:
         recipe, extra = REWARD_MODELS[name]
         once(name, lambda recipe=recipe, extra=extra, name=name: train_recipe(recipe, common, name=name, extra=extra))
@@ -218,27 +273,64 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
 
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     pairs: dict[str, int] = {}
+    curves: dict[int, dict[str, dict[str, list[float]]]] = {}
     for seed in args.seeds:
         done = work / f"seed{seed}-metrics.json"
         saved = json.loads(done.read_text()) if done.is_file() else {}
-        if saved.get("digest") == digest and set(arms) <= set(saved.get("metrics", {})):
+        # Arms of this seed measured under the same recipes are reused; only the others train (so a
+        # later --ppo run adds the PPO family to the seeds the preference arms finished).
+        same = saved.get("digest") == digest
+        kept = {key: dict(saved.get(key, {})) if same else {} for key in ("metrics", "pairs", "curves")}
+        todo = {name: arm for name, arm in arms.items() if name not in kept["metrics"]}
+        if not todo:
             say(f"seed {seed}: reusing {done}")
-            per_seed[seed] = _nan_for_none({k: v for k, v in saved["metrics"].items() if k in arms})
-            pairs.update(saved.get("pairs", {}))
-            continue
         settings = QuickstartSettings(output_dir=str(work), seed=seed, eval_limit=args.eval_limit, progress=False,
                                       reduced=args.reduced)
         models: dict[str, Path] = {}
-        for name, (recipe, extra) in arms.items():
+        seed_curves: dict[str, dict[str, list[float]]] = dict(kept.get("curves", {}))
+        for name, (recipe, extra) in todo.items():
             say(f"seed {seed}: {name}")
-            models[name] = train_recipe(recipe, settings, name=f"seed{seed}-{name.replace('/', '-')}", extra=extra)
+            run_name = f"seed{seed}-{name.replace('/', '-')}"
+            models[name] = train_recipe(recipe, settings, name=run_name, extra=extra)
             counted = safety_pairs(models[name])
             if counted is not None:
-                pairs[name] = counted
-        say(f"seed {seed}: evaluation of {len(models)} models")
-        per_seed[seed] = _metrics(evaluate_arms(settings, models, judge))
-        atomic_write_json(done, {"digest": digest, "metrics": per_seed[seed], "pairs": pairs})
-    return {"start": start, "per_seed": per_seed, "pairs": pairs}
+                kept["pairs"][name] = counted
+            if recipe.endswith("-lagrangian"):
+                seed_curves[name] = training_curves(work / "logs" / run_name, CURVES)
+        measured: dict[str, dict[str, float]] = {}
+        if models:
+            say(f"seed {seed}: evaluation of {len(models)} models")
+            measured = _metrics(evaluate_arms(settings, models, judge))
+            for name in measured:
+                curve = seed_curves.get(name, {})
+                if curve.get("lagrangian/window_cost"):  # where the constraint ended (docs/PPO.md)
+                    measured[name]["final_window_cost"] = curve["lagrangian/window_cost"][-1]
+                    measured[name]["final_lambda"] = curve["lagrangian/lambda"][-1]
+            atomic_write_json(done, {"digest": digest, "metrics": {**kept["metrics"], **measured},
+                                     "pairs": kept["pairs"], "curves": seed_curves})
+        all_metrics = _nan_for_none({**kept["metrics"], **measured})
+        per_seed[seed] = {k: v for k, v in all_metrics.items() if k in arms}
+        pairs.update({k: v for k, v in kept["pairs"].items() if k in arms})
+        curves[seed] = {k: v for k, v in seed_curves.items() if k in arms}
+    return {"start": start, "per_seed": per_seed, "pairs": pairs, "curves": curves}
+
+
+def training_curves(log_root: Path, keys: tuple[str, ...]) -> dict[str, list[float]]:
+    """``{"step": [...], key: [...]}`` from the newest CSVLogger version under ``log_root`` (rows
+    that log every key; the Lagrangian arms log them once per PPO iteration)."""
+    import csv
+
+    versions = sorted(log_root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"{log_root}: no CSVLogger metrics.csv (the recipe's logger writes there)")
+    out: dict[str, list[float]] = {"step": [], **{k: [] for k in keys}}
+    with versions[-1].open(newline="") as f:
+        for row in csv.DictReader(f):
+            if all(row.get(k) not in (None, "") for k in keys):
+                out["step"].append(float(row["step"]))
+                for k in keys:
+                    out[k].append(float(row[k]))
+    return out
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -265,6 +357,12 @@ def markdown(summary: dict[str, Any]) -> str:
         for name, check in checks.items():
             detail = {k: v for k, v in check.items() if k != "met"}
             lines.append(f"- {name}: **{'met' if check['met'] else 'NOT met'}** ({json.dumps(detail)})")
+    ppo_checks = summary.get("ppo_goals") or {}
+    if ppo_checks:
+        lines += ["", "Goals of the PPO family (the Lagrangian arms' lambda and cost curves: the `-lagrangian.png` plot):", ""]
+        for name, check in ppo_checks.items():
+            detail = {k: v for k, v in check.items() if k != "met"}
+            lines.append(f"- {name}: **{'met' if check['met'] else 'NOT met'}** ({json.dumps(detail)})")
     return "\n".join(lines) + "\n"
 
 
@@ -279,7 +377,7 @@ def plot(summary: dict[str, Any], path: Path, title: str = "Safety vs over-refus
 
     from equilibrate_pl.files import atomic_path
 
-    markers = {"dpo": "o", "adpo": "s", "ppo": "^", "appo": "D"}
+    markers = {"dpo": "o", "adpo": "s", "ppo": "^", "appo": "D", "ppo-lagrangian": "v", "appo-lagrangian": "P"}
     fig, ax = plt.subplots(figsize=(7, 5))
     for model, metrics in summary["aggregate"].items():
         if "safety_rate" not in metrics or "over_refusal_rate" not in metrics:
@@ -295,6 +393,40 @@ def plot(summary: dict[str, Any], path: Path, title: str = "Safety vs over-refus
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> None:
+    """lambda and the windowed episode cost per PPO iteration, one line per Lagrangian arm and seed,
+    with the arm's threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from equilibrate_pl.files import atomic_path
+
+    thresholds = recipe_thresholds()
+    fig, (ax_l, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {}
+    for seed, arms in summary["curves"].items():
+        for arm, curve in arms.items():
+            color = colors.setdefault(arm, f"C{len(colors)}")
+            label = arm if seed == min(summary["curves"]) else None
+            ax_l.plot(curve["step"], curve["lagrangian/lambda"], color=color, alpha=0.7, label=label)
+            ax_c.plot(curve["step"], curve["lagrangian/window_cost"], color=color, alpha=0.7, label=label)
+    for arm, color in colors.items():
+        if arm in thresholds:
+            ax_c.axhline(thresholds[arm], color=color, linestyle="--", linewidth=1)
+    ax_l.set(xlabel="PPO iteration (logged step)", ylabel="lambda", title="Lagrange multiplier (one line per seed)")
+    ax_c.set(xlabel="PPO iteration (logged step)", ylabel="windowed mean episode cost",
+             title="Cost the constraint sees (dashed: threshold)")
+    for ax in (ax_l, ax_c):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
@@ -342,11 +474,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": {"wall": time.perf_counter() - started, "cpu_this_process": time.process_time() - cpu_started},
         "pairs": out["pairs"], "start": out["start"], "per_seed": {str(k): v for k, v in per_seed.items()},
         "aggregate": aggregate(per_seed, out["start"]), "goals": goal_checks(per_seed, out["pairs"]),
+        "ppo_goals": ppo_goal_checks(per_seed, out["start"], recipe_thresholds()),
+        "curves": {str(k): v for k, v in out["curves"].items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.name}.json", summary)
     atomic_write_text(args.out / f"{args.name}.md", markdown(summary))
     plot(summary, args.out / f"{args.name}.png")
+    if any(summary["curves"].values()):
+        plot_curves(summary, args.out / f"{args.name}-lagrangian.png")
     print(markdown(summary))
     return summary
 

@@ -1,6 +1,6 @@
 """`equilibrate` console entry point.
 
-Training stages (`sft`, `rm`, `dpo`, `ppo`) are LightningCLI programs; the other
+Training stages (`sft`, `rm`, `cost`, `dpo`, `ppo`) are LightningCLI programs; the other
 sub-commands are plain argparse programs. Each lives in its own module and is imported
 only when asked for, so `equilibrate categorize` does not pay for importing Lightning.
 """
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("equilibrate_pl.commands.data:main", "list, locate and download the public datasets (XSTest, ...)"),
     "sft": ("equilibrate_pl.commands.train:sft", "supervised fine-tuning (LightningCLI)"),
     "rm": ("equilibrate_pl.commands.train:rm", "reward model (LightningCLI)"),
+    "cost": ("equilibrate_pl.commands.train:cost", "cost model for PPO-Lagrangian (LightningCLI)"),
     "dpo": ("equilibrate_pl.commands.train:dpo", "DPO / ADPO (LightningCLI)"),
     "ppo": ("equilibrate_pl.commands.train:ppo", "PPO / APPO / GRPO / RLOO (LightningCLI)"),
     "categorize": ("equilibrate_pl.commands.categorize:main", "FDC-label a data file"),

@@ -8,11 +8,15 @@ function behind ``equilibrate sft|rm|dpo|ppo fit``) and exports each trained mod
    intent-driven requests but few explicit ones, so the safety stages have something to fix;
 2. reward models: ``rm-naive.yaml`` on the world's pairs as they come (the unsorted safety pool,
    mislabelled look-alikes included), ``rm-fdc.yaml`` on the pool sorted by the built-in FDC
-   classifier, and ``rm-judge.yaml``, trained on another draw of the world, which only judges;
-3. one recipe per arm (:data:`ARMS`), each from the same SFT policy: naive DPO and naive PPO on
+   classifier, and ``rm-judge.yaml``, trained on another draw of the world, which only judges; each
+   also learns the world's contrastive pairs (``data.contrastive``: a fluent off-topic answer never
+   wins);
+3. ``cost.yaml``: Safe RLHF's cost model on the world's safety labels, for the Lagrangian arms;
+4. one recipe per arm (:data:`ARMS`), each from the same SFT policy: naive DPO and naive PPO on
    unsorted safety data scaled up (with ``rm-naive``), FDC+ADPO and FDC+APPO on a third as many
-   safety pairs, sorted and mixed per group (with ``rm-fdc``);
-4. evaluation of every model on the world's held-out eval split: safety per FDC group,
+   safety pairs, sorted and mixed per group (with ``rm-fdc``), and naive PPO and FDC+APPO under the
+   cost constraint (PPO-Lagrangian);
+5. evaluation of every model on the world's held-out eval split: safety per FDC group,
    over-refusal on benign prompts (look-alikes included), helpfulness judged by ``rm-judge`` (a
    reward model no arm optimises) and task success (the answer holds the reference answer's
    content), and a Markdown report with the safety-versus-over-refusal plot.
@@ -38,21 +42,24 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 # Training stages before the arms, then the arms: recipe name (configs/quickstart/<name>.yaml) ->
-# the `equilibrate` stage command that runs it. The SFT and reward-model exports feed the arms;
-# rm-judge only scores helpfulness in the evaluation.
-STAGES: dict[str, str] = {"sft": "sft", "rm-naive": "rm", "rm-fdc": "rm", "rm-judge": "rm"}
+# the `equilibrate` stage command that runs it. The SFT and reward-model exports feed the arms, the
+# cost model the Lagrangian ones; rm-judge only scores helpfulness in the evaluation.
+STAGES: dict[str, str] = {"sft": "sft", "rm-naive": "rm", "rm-fdc": "rm", "rm-judge": "rm", "cost": "cost"}
 JUDGE = "rm-judge"
 ARMS: dict[str, str] = {
     "naive-dpo": "dpo",
     "naive-ppo": "ppo",
     "fdc-adpo": "dpo",
     "fdc-appo": "ppo",
+    "naive-ppo-lagrangian": "ppo",
+    "fdc-appo-lagrangian": "ppo",
 }
 RECIPE_ROOT = "runs/quickstart"  # the output prefix written in the recipes; `output_dir` replaces it
 
 # `reduced`: recipe key -> the smaller value of a smoke-test run (applied where a recipe has the key).
 _REDUCED: dict[str, Callable[[Any], Any]] = {
     "trainer.max_steps": lambda steps: max(1, int(steps) // 50),
+    "trainer.log_every_n_steps": lambda _: 1,  # a few steps still leave curves in the logs
     "data.batch_size": lambda _: 4,
     "model.init_args.ppo.minibatch_size": lambda _: 4,
     "model.init_args.generation.max_new_tokens": lambda _: 8,

@@ -1,4 +1,4 @@
-"""`equilibrate sft|rm|dpo` end to end in a subprocess: a run, --print_config, unknown keys, export."""
+"""`equilibrate sft|rm|cost|dpo|ppo` end to end in a subprocess: a run, --print_config, unknown keys, export."""
 
 from __future__ import annotations
 
@@ -50,6 +50,38 @@ def test_dpo_fit_from_the_tiny_config_then_export(tmp_path: Path, equilibrate_ca
     torch.testing.assert_close(model.state_dict()["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
 
 
+def test_cost_model_then_ppo_lagrangian_from_the_tiny_configs(tmp_path: Path, equilibrate_cache: Path) -> None:
+    """`equilibrate cost fit` (safety labels from the world), its export, then `equilibrate ppo fit` with
+    the constraint recipe for 2 iterations: lambda is logged and checkpointed, and the checkpoint exports
+    with the cost model's path taken from the command line."""
+    run = _equilibrate(["cost", "fit", "--config", str(REPO / "configs" / "cost" / "tiny.yaml"), "--trainer.max_steps", "4",
+                        "--trainer.val_check_interval", "4", "--model.init_args.model.name_or_path", "builtin:tiny"],
+                       tmp_path, equilibrate_cache)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "cost" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["equilibrate_module"] == "equilibrate_pl.modules.cost.CostModule"
+    metrics = (tmp_path / "runs" / "cost" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "val/sign_accuracy" in metrics and "val/cost_unsafe" in metrics
+    run = _equilibrate(["export", "--ckpt", str(ckpt), "--output", "runs/cost/export"], tmp_path, equilibrate_cache)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    run = _equilibrate(["ppo", "fit", "--config", str(REPO / "configs" / "ppo" / "tiny_lagrangian.yaml"), "--trainer.max_steps", "2",
+                        "--model.init_args.actor.name_or_path", "builtin:tiny", "--model.init_args.reward_model.name_or_path",
+                        "runs/cost/export", "--model.init_args.generation.max_new_tokens", "6",
+                        "--model.init_args.constraint.update_delay", "0", "--data.batch_size", "4"], tmp_path, equilibrate_cache)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "ppo-lagrangian" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["policy_state"]["lagrange_multiplier"]["costs"].numel() == 8  # 2 iterations x 4 episodes
+    assert any(k.startswith("cost_critic.") for k in state["state_dict"])
+    header = (tmp_path / "runs" / "ppo-lagrangian" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "lagrangian/lambda" in header and "group/general/violation" in header
+    run = _equilibrate(["export", "--ckpt", str(ckpt), "--output", "policy", "--module", "equilibrate_pl.modules.policy.PolicyModule",
+                        "--model-path", "cost_model=runs/cost/export"], tmp_path, equilibrate_cache)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+
+
 def _in_process(stage: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run `equilibrate <stage> ...` in this process (no Python start-up per call); exit code, out, err."""
     from equilibrate_pl import cli
@@ -62,7 +94,7 @@ def _in_process(stage: str, args: list[str], capsys: pytest.CaptureFixture[str])
     return code, out, err
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "cost", "dpo"])
 def test_print_config_resolves_the_recipe(stage: str, capsys: pytest.CaptureFixture[str], equilibrate_cache: Path) -> None:
     code, out, err = _in_process(stage, ["fit", "--config", str(REPO / "configs" / stage / "tiny.yaml"), "--print_config"], capsys)
     assert code == 0, err[-3000:]
@@ -74,7 +106,8 @@ def test_print_config_resolves_the_recipe(stage: str, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.parametrize(("stage", "option"), [("sft", "max_nonfinite_steps"), ("rm", "margin"), ("dpo", "beta"),
-                                               ("ppo", "samples_per_prompt")])
+                                               ("ppo", "samples_per_prompt"), ("ppo", "constraint"),
+                                               ("cost", "classification_weight")])
 def test_print_config_without_a_config_shows_the_stage_module(stage: str, option: str,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _in_process(stage, ["fit", "--print_config"], capsys)

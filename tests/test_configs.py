@@ -23,8 +23,8 @@ def _stage(config: Path) -> str:
 
 
 def test_the_recipe_folders_are_stages() -> None:
-    assert {c.parent.name for c in CONFIGS} == {"sft", "rm", "dpo", "ppo", "quickstart"}
-    assert len(CONFIGS) >= 19
+    assert {c.parent.name for c in CONFIGS} == {"sft", "rm", "cost", "dpo", "ppo", "quickstart"}
+    assert len(CONFIGS) >= 26
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.parent.name}/{c.name}")
@@ -48,13 +48,15 @@ def test_every_recipe_resolves(config: Path, capsys: pytest.CaptureFixture[str],
 
 
 def test_size_recipes_name_a_model_and_a_strategy_their_module_accepts() -> None:
-    from equilibrate_pl.modules import PreferenceModule, RewardModule, SFTModule
+    from equilibrate_pl.modules import CostModule, PreferenceModule, RewardModule, SFTModule
     from equilibrate_pl.modules.policy import PolicyModule
 
-    modules = {"sft": SFTModule, "rm": RewardModule, "dpo": PreferenceModule, "ppo": PolicyModule}
+    modules = {"sft": SFTModule, "rm": RewardModule, "cost": CostModule, "dpo": PreferenceModule, "ppo": PolicyModule}
     assert not list((REPO / "configs").glob("*/gpu*.yaml")), "name recipes by model size, not hardware"
-    sized = sorted((REPO / "configs").glob("*/qwen2.5-0.5b.yaml"))
-    assert [c.parent.name for c in sized] == ["dpo", "ppo", "rm", "sft"]
+    sized = sorted((REPO / "configs").glob("*/qwen2.5-0.5b*.yaml"))
+    assert [c.relative_to(REPO / "configs").as_posix() for c in sized] == [
+        "cost/qwen2.5-0.5b.yaml", "dpo/qwen2.5-0.5b.yaml", "ppo/qwen2.5-0.5b.yaml", "ppo/qwen2.5-0.5b_lagrangian.yaml",
+        "rm/qwen2.5-0.5b.yaml", "sft/qwen2.5-0.5b.yaml"]
 
     def setup_under(module_cls: type, strategy: str, world_size: int, precision: str) -> None:
         # The module's own start-up check, with a stand-in trainer (no GPU here).

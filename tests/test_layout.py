@@ -7,8 +7,8 @@ import json
 import subprocess
 import sys
 
-ALGORITHMS = ["ama", "dpo", "kl", "logprobs", "ppo", "prefix_sharing", "rewards"]
-PURE_DATA = ["fdc", "fdc_lexicon", "fdc_mhd", "fdc_report", "loaders", "mixing", "schema", "world"]
+ALGORITHMS = ["ama", "cost", "dpo", "kl", "lagrangian", "logprobs", "ppo", "prefix_sharing", "rewards"]
+PURE_DATA = ["contrastive", "fdc", "fdc_lexicon", "fdc_mhd", "fdc_report", "loaders", "mixing", "schema", "world"]
 MODEL_CODE = ("equilibrate_pl.modules", "equilibrate_pl.models")
 
 

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", default=None, help="module class path, if not the one stored in the checkpoint")
     parser.add_argument("--model-path", action="append", default=[], metavar="[KEY=]PATH",
                         help="load this model instead of the path the checkpoint names (KEY: model, actor, reward_model, "
-                        "critic; without KEY the module's own model); repeatable")
+                        "critic, cost_model, cost_critic; without KEY the module's own model); repeatable")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model code of the --model-path directories / hub ids (never taken from the checkpoint)")
     args = parser.parse_args(argv)

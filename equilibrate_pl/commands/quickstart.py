@@ -1,6 +1,6 @@
 """`equilibrate quickstart`: the whole pipeline on the built-in tiny default (offline, CPU).
 
-Runs the recipes in configs/quickstart/ (sft, rm, then one per arm) through the same code as
+Runs the recipes in configs/quickstart/ (sft, rm, cost, then one per arm) through the same code as
 `equilibrate <stage> fit --config ...`, then evaluates every model. Edit a recipe to change a run;
 `--override` changes one without editing it:
 
@@ -19,7 +19,7 @@ import warnings
 def _override(text: str) -> tuple[str, list[str]]:
     name, sep, options = text.partition(":")
     if not sep or not name.strip() or not options.strip():
-        raise argparse.ArgumentTypeError(f"expected 'RECIPE: --key value ...' (RECIPE: sft, rm, an arm or *), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'RECIPE: --key value ...' (RECIPE: sft, rm, cost, an arm or *), got {text!r}")
     return name.strip(), shlex.split(options)
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), metavar="ARM",
                         help=f"subset of: {' '.join(ARMS)} (default: all)")
     parser.add_argument("--override", action="append", type=_override, default=[], metavar="'RECIPE: OPTIONS'",
-                        help="command-line options for one recipe (sft, rm, an arm) or '*' for all; repeatable")
+                        help="command-line options for one recipe (sft, rm, cost, an arm) or '*' for all; repeatable")
     parser.add_argument("--reduced", action="store_true", help="a tiny smoke-test run (seconds, not minutes)")
     args = parser.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""`equilibrate sft|rm|dpo|ppo` — LightningCLI programs, one per training stage.
+"""`equilibrate sft|rm|cost|dpo|ppo` — LightningCLI programs, one per training stage.
 
     equilibrate dpo fit --config configs/dpo/tiny.yaml
     equilibrate dpo fit --config configs/dpo/tiny.yaml --trainer.max_steps 2
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # Lightning is imported only when a stage really runs (`--hel
     from lightning.pytorch import Callback
     from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["STAGES", "RecipeError", "UserError", "fit_recipe", "make_cli", "run_stage", "sft", "rm", "dpo", "ppo"]
+__all__ = ["STAGES", "RecipeError", "UserError", "fit_recipe", "make_cli", "run_stage", "sft", "rm", "cost", "dpo", "ppo"]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,16 @@ class StageSpec:
     module: str  # "package.module:Class", the default ``model.class_path``
     data_stage: str  # SafetyDataModule's batch kind
     description: str
+    data_defaults: tuple[tuple[str, Any], ...] = ()  # other SafetyDataModule defaults of the stage
 
 
 STAGES: dict[str, StageSpec] = {
     "sft": StageSpec("equilibrate_pl.modules.sft:SFTModule", "sft", "Supervised fine-tuning (response tokens only)."),
     "rm": StageSpec("equilibrate_pl.modules.reward:RewardModule", "preference",
                     "Reward model (Bradley-Terry, scores every position)."),
+    "cost": StageSpec("equilibrate_pl.modules.cost:CostModule", "preference",
+                      "Cost model (Safe RLHF: pairwise + per-response safety classification; cost > 0 = unsafe).",
+                      (("safety_labels", True),)),
     "dpo": StageSpec("equilibrate_pl.modules.preference:PreferenceModule", "preference",
                      "DPO / ADPO (DPO with the AMA token mask)."),
     "ppo": StageSpec("equilibrate_pl.modules.policy:PolicyModule", "prompt", "PPO / APPO / GRPO / RLOO on prompt batches."),
@@ -208,9 +212,11 @@ def _cli_class() -> type:
             super().__init__(*args, **kwargs)
 
         def add_arguments_to_parser(self, parser: Any) -> None:
-            module, cls = STAGES[self._stage].module.split(":")
+            spec = STAGES[self._stage]
+            module, cls = spec.module.split(":")
             # `fit --print_config` without a --config shows the stage module's options, not `model: null`.
-            parser.set_defaults({"data.stage": STAGES[self._stage].data_stage, "model": {"class_path": f"{module}.{cls}"}})
+            parser.set_defaults({"data.stage": spec.data_stage, "model": {"class_path": f"{module}.{cls}"},
+                                 **{f"data.{key}": value for key, value in spec.data_defaults}})
             if self._model_link is not None:
                 # Declares data.tokenizer as derived (it cannot be given and is not printed); the value
                 # itself is set in parse_arguments, see _tokenize_with_the_model.
@@ -433,6 +439,11 @@ def sft(argv: list[str] | None = None) -> int:
 def rm(argv: list[str] | None = None) -> int:
     """`equilibrate rm`: Bradley-Terry reward model."""
     return run_stage("rm", argv)
+
+
+def cost(argv: list[str] | None = None) -> int:
+    """`equilibrate cost`: Safe RLHF's cost model (needs per-pair safety labels, docs/DATA.md)."""
+    return run_stage("cost", argv)
 
 
 def dpo(argv: list[str] | None = None) -> int:

@@ -30,8 +30,30 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from equilibrate_pl.data.schema import IGNORE_INDEX, PromptLike
+from equilibrate_pl.data.schema import IGNORE_INDEX, SAFETY_LABEL_FIELDS, PromptLike
+
 Features = dict[str, Any]
+
+
+def harm_order(record: Mapping[str, Any]) -> float:
+    """+1 when a pair's ``rejected`` response is the more harmful one, -1 when ``chosen`` is, 0 when
+    its safety labels do not order it (both safe or both unsafe, and no ``safer_response``)."""
+    safer = record.get("safer_response")
+    if safer is not None:
+        return 1.0 if safer == "chosen" else -1.0
+    chosen, rejected = bool(record["chosen_unsafe"]), bool(record["rejected_unsafe"])
+    return float(rejected) - float(chosen)
+
+
+def pair_kind(record: Mapping[str, Any]) -> str:
+    """What a preference pair compares, for per-kind metrics: ``meta["pair_kind"]``, else
+    ``"<chosen_kind>_over_<rejected_kind>"`` from the meta of the built-in world, else ``"pair"``."""
+    meta = record.get("meta") or {}
+    if meta.get("pair_kind"):
+        return str(meta["pair_kind"])
+    if meta.get("chosen_kind") and meta.get("rejected_kind"):
+        return f"{meta['chosen_kind']}_over_{meta['rejected_kind']}"
+    return "pair"
 
 
 def pad_and_eos_ids(tokenizer: Any) -> tuple[int, int]:
@@ -163,12 +185,16 @@ class SFTCollator(_Collator):
 
 
 class PreferenceCollator(_Collator):
-    """Preference batches: ``{chosen,rejected}_{input_ids,attention_mask,labels,truncated}``, ``group``, ``index``.
+    """Preference batches: ``{chosen,rejected}_{input_ids,attention_mask,labels,truncated}``, ``group``,
+    ``index``, ``pair_kind`` (a list of strings, :func:`pair_kind`).
 
     Rows may carry ``chosen_token_signal`` / ``rejected_token_signal``: one float per labelled
     response token (response tokens + eos, before truncation). Then the batch has float tensors of
-    the labels' shape holding each value at its label position (0 elsewhere). Either every row of a
-    batch has a signal field or none does.
+    the labels' shape holding each value at its label position (0 elsewhere). Rows may carry safety
+    labels (``chosen_unsafe`` / ``rejected_unsafe``, optional ``safer_response``; docs/DATA.md): then
+    the batch has bool ``chosen_unsafe`` / ``rejected_unsafe`` and float ``harm_order``
+    (:func:`harm_order`), each (B,). Either every row of a batch has a signal field (safety labels)
+    or none does.
     """
 
     SIGNAL_FIELDS = ("chosen_token_signal", "rejected_token_signal")
@@ -185,6 +211,9 @@ class PreferenceCollator(_Collator):
             signal = self._signal(record, f"{side}_token_signal", len(full), len(response_ids))
             if signal is not None:
                 out[f"{side}_token_signal"] = [0.0] * len(prompt_ids) + signal
+        if all(record.get(k) is not None for k in SAFETY_LABEL_FIELDS):
+            out.update({k: bool(record[k]) for k in SAFETY_LABEL_FIELDS}, harm_order=harm_order(record))
+        out["pair_kind"] = pair_kind(record)
         return out
 
     def __call__(self, features: Sequence[Features]) -> dict[str, Any]:
@@ -202,6 +231,15 @@ class PreferenceCollator(_Collator):
                     missing = [int(f["index"]) for f in features if key not in f]
                     raise ValueError(f"{key}: rows {missing} of this batch have no signal while others do")
                 batch[key] = _right_pad([f[key] for f in features], 0.0, torch.float32)
+        labelled = ["harm_order" in f for f in features]
+        if any(labelled):
+            if not all(labelled):
+                missing = [int(f["index"]) for f in features if "harm_order" not in f]
+                raise ValueError(f"chosen_unsafe / rejected_unsafe: rows {missing} of this batch have no safety labels while others do")
+            for key in SAFETY_LABEL_FIELDS:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.bool)
+            batch["harm_order"] = torch.tensor([f["harm_order"] for f in features], dtype=torch.float32)
+        batch["pair_kind"] = [str(f.get("pair_kind", "pair")) for f in features]
         batch.update(_common(features))
         return batch
 

@@ -30,7 +30,7 @@ from equilibrate_pl.data import mixing
 from equilibrate_pl.data.collate import EncodedDataset, build_collator
 from equilibrate_pl.data.loaders import SIGNAL_FIELDS, DataError, DataSource, load_records
 from equilibrate_pl.data.sampler import ResumableDataLoader, ResumableSampler
-from equilibrate_pl.data.schema import Group
+from equilibrate_pl.data.schema import SAFETY_FIELDS, SAFETY_GROUPS, SAFETY_LABEL_FIELDS, Group
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,13 @@ def _record_kind(record: dict[str, Any]) -> str:
     return "prompt"
 
 
-def to_stage_record(record: dict[str, Any], stage: str, where: str) -> dict[str, Any]:
+def to_stage_record(record: dict[str, Any], stage: str, where: str, safety_labels: bool = False) -> dict[str, Any]:
     """Convert a record to the kind ``stage`` trains on.
 
     preference -> sft uses ``chosen`` as the response; anything -> prompt keeps the prompt. A
-    conversion that would have to invent a field (prompt -> sft, sft -> preference) raises.
+    conversion that would have to invent a field (prompt -> sft, sft -> preference) raises. A
+    preference record keeps its safety labels (``schema.SAFETY_FIELDS``) only with ``safety_labels``:
+    the stages that do not read them then never see a batch mixing rows with and without them.
     """
     kind = _record_kind(record)
     base = {k: record[k] for k in ("id", "prompt", "group", "source", "meta") if k in record}
@@ -63,7 +65,7 @@ def to_stage_record(record: dict[str, Any], stage: str, where: str) -> dict[str,
             return {**base, "response": record["chosen"]}
     if stage == "preference" and kind == "preference":
         out = {**base, "chosen": record["chosen"], "rejected": record["rejected"]}
-        for key in SIGNAL_FIELDS:
+        for key in SIGNAL_FIELDS + (SAFETY_FIELDS if safety_labels else ()):
             if key in record:
                 out[key] = record[key]
         return out
@@ -152,6 +154,15 @@ class SafetyDataModule(LightningDataModule):
         val_size: validation rows: the world's eval split for the built-in world, else held out of
             the loaded pools before mixing (equal shares per group, at most a quarter of a group).
         on_bad_row: ``raise`` or ``skip`` (skipped rows are counted in ``describe()``).
+        safety_labels: carry each pair's safety labels (``chosen_unsafe`` / ``rejected_unsafe``,
+            optional ``safer_response``; docs/DATA.md) into the batches, and require them on every
+            train and validation row (the cost model's stage sets it). Preference stage only.
+        contrastive_pairs: add pairs that teach a reward model what a non-answer is
+            (``data.contrastive``: a safe response over an off-topic answer on harmful prompts, an
+            on-topic over an off-topic answer on benign ones): the built-in world's
+            ``contrastive_pool``, or pairs built from the loaded data. Added after mixing (the FDC
+            mix is unchanged), one per train row, and up to ``val_size`` of them held out for
+            validation (per-kind metrics: the batch's ``pair_kind``). Preference stage only.
         world_size: the former name of ``world_scale`` (it read like the number of processes); still
             accepted, with a FutureWarning.
     """
@@ -181,6 +192,8 @@ class SafetyDataModule(LightningDataModule):
         val_size: int = 64,
         on_bad_row: Literal["raise", "skip"] = "raise",
         world_size: Literal["default", "tiny"] | None = None,
+        safety_labels: bool = False,
+        contrastive_pairs: bool = False,
     ) -> None:
         super().__init__()
         if world_size is not None:
@@ -192,6 +205,8 @@ class SafetyDataModule(LightningDataModule):
             raise ValueError(f"stage must be 'sft', 'preference' or 'prompt', got {stage!r}")
         if mix not in ("ratio", "quota", "all", "sorted", "naive"):
             raise ValueError(f"mix must be 'ratio', 'quota', 'all', 'sorted' or 'naive', got {mix!r}")
+        if (safety_labels or contrastive_pairs) and stage != "preference":
+            raise ValueError(f"safety_labels and contrastive_pairs are for preference pairs: stage is {stage!r}")
         if batch_size < 1 or eval_batch_size < 1 or val_size < 0 or num_workers < 0:
             raise ValueError("batch sizes must be >= 1, val_size and num_workers >= 0")
         self.general = [s if isinstance(s, DataSource) else DataSource(**s) for s in general or []]
@@ -207,6 +222,7 @@ class SafetyDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.val_size, self.on_bad_row = val_size, on_bad_row
+        self.safety_labels, self.contrastive_pairs = safety_labels, contrastive_pairs
         # Plain types only in hparams: checkpoints stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["general", "safety", "world_size"])
         self.hparams["general"] = [asdict(s) for s in self.general]
@@ -223,6 +239,7 @@ class SafetyDataModule(LightningDataModule):
         self._fingerprint = ""
         self._sampler: ResumableSampler | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._world: Any = None
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -261,9 +278,15 @@ class SafetyDataModule(LightningDataModule):
                 replacement=self.replacement, seed=self.seed,
             )
         self.mix_result = result
-        self.train_records = [to_stage_record(r, self.stage_kind, "train data") for r in result.records]
-        self.val_records = [to_stage_record(r, self.stage_kind, "validation data") for r in val]
+        train = list(result.records)
+        if self.contrastive_pairs:
+            extra_train, extra_val = self._contrastive(train, val)
+            train, val = train + extra_train, val + extra_val
+        self.train_records = [to_stage_record(r, self.stage_kind, "train data", self.safety_labels) for r in train]
+        self.val_records = [to_stage_record(r, self.stage_kind, "validation data", self.safety_labels) for r in val]
         _check_signals(self.train_records + self.val_records)
+        if self.safety_labels:
+            _check_safety_labels(self.train_records + self.val_records)
         collator = self._collator()
         self.train_dataset = EncodedDataset(self.train_records, collator)
         self.val_dataset = EncodedDataset(self.val_records, collator)
@@ -277,6 +300,8 @@ class SafetyDataModule(LightningDataModule):
         world = None
         if self.builtin_world and not (self.general and self.safety):
             world = _cached_world(self.world_seed, self.world_scale)
+        # Contrastive pairs come from the world when it supplies all the data (its true labels and topics).
+        self._world = world if world is not None and not (self.general or self.safety) else None
         if self.general:
             general = []
             for src in self.general:
@@ -299,12 +324,25 @@ class SafetyDataModule(LightningDataModule):
         val_pool = world.preference_records("eval") if world is not None and not (self.general or self.safety) else None
         return general, safety, val_pool
 
+    def _contrastive(self, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Contrastive pairs for training (one per train row) and validation (up to ``val_size``,
+        equal shares per group): the world's own, or built from the rows' chosen responses."""
+        if self._world is not None:
+            extra_train, held = self._world.contrastive_pool("train"), self._world.contrastive_pool("eval")
+        else:
+            extra_train, held = _contrastive_from(train, self.seed), _contrastive_from(val, self.seed + 1)
+        extra_val, _ = _hold_out(_group_pools(held), self.val_size, self.seed, max_share=1.0)
+        self._notes.append(f"contrastive pairs (data.contrastive): {len(extra_train)} train, {len(extra_val)} validation "
+                           "(added after mixing)")
+        return extra_train, extra_val
+
     def _load(self, src: DataSource, pool: str) -> list[dict[str, Any]]:
         # No kind and no preset: read the file as the records this stage trains on.
         kind = src.kind if src.kind is not None else (None if src.preset else self.stage_kind)
         # Safety rows are mixed per FDC group: without a categorizer each row must bring its own.
         require_group = pool == "safety" and self.categorizer is None
-        result = load_records(src, kind, on_bad_row=self.on_bad_row, require_group=require_group)
+        result = load_records(src, kind, on_bad_row=self.on_bad_row, require_group=require_group,
+                              require_safety_labels=self.safety_labels)
         counts = ", ".join(f"{g} {n}" for g, n in sorted(result.group_counts().items()))
         skipped = f", {len(result.skipped)} rows skipped" if result.skipped else ""
         self._sources.append(f"{pool}: {src.path} ({len(result.records)} rows: {counts}{skipped})")
@@ -484,6 +522,34 @@ def _check_signals(records: list[dict[str, Any]]) -> None:
                 f"{first.get('id')!r}); give it to every row of the run, or to none", file=str(first.get("source", "<data>")),
                 field=key,
             )
+
+
+def _check_safety_labels(records: list[dict[str, Any]]) -> None:
+    """``safety_labels``: every row must carry both labels (a cost model cannot learn from a pair without them)."""
+    missing = [r for r in records if any(r.get(k) is None for k in SAFETY_LABEL_FIELDS)]
+    if missing:
+        first = missing[0]
+        raise DataError(
+            f"{len(missing)} of {len(records)} rows have no safety labels (e.g. id={first.get('id')!r}); the cost model "
+            "needs chosen_unsafe and rejected_unsafe on every pair (docs/DATA.md)",
+            file=str(first.get("source", "<data>")), field="chosen_unsafe",
+        )
+
+
+def _contrastive_from(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Contrastive pairs from preference rows: a safety row's chosen (its safe response) and a
+    general row's chosen (its answer) are the items; general answers are the donors."""
+    from equilibrate_pl.data.contrastive import contrastive_pairs
+
+    safety = {g.value for g in SAFETY_GROUPS}
+    harmful = [{"id": r.get("id"), "prompt": r["prompt"], "response": r["chosen"], "group": r["group"], "meta": r.get("meta")}
+               for r in records if r.get("group") in safety and "chosen" in r]
+    benign = [{"id": r.get("id"), "prompt": r["prompt"], "response": r["chosen"], "group": r["group"], "meta": r.get("meta")}
+              for r in records if r.get("group") == Group.GENERAL.value and "chosen" in r]
+    if not benign:
+        raise DataError("contrastive_pairs needs general rows with answers (their chosen responses are the off-topic "
+                        "answers), and none were loaded", file="<data>")
+    return contrastive_pairs(harmful, benign, seed=seed, source="contrastive")
 
 
 def _group_pools(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

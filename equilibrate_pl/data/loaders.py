@@ -31,7 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping
 
-from equilibrate_pl.data.schema import BEAVERTAILS_GROUP_LABELS, GROUP_NAMES, RECORD_FIELDS, REQUIRED_FIELDS, SIGNAL_FIELDS, Group
+from equilibrate_pl.data.schema import (
+    BEAVERTAILS_GROUP_LABELS,
+    GROUP_NAMES,
+    RECORD_FIELDS,
+    REQUIRED_FIELDS,
+    SAFETY_FIELDS,
+    SAFETY_LABEL_FIELDS,
+    SIGNAL_FIELDS,
+    Group,
+)
 from equilibrate_pl.files import atomic_write_jsonl
 
 __all__ = [
@@ -198,6 +207,13 @@ def _pku_saferlhf(row: dict[str, Any]) -> dict[str, Any]:
         raise DataError(f"expected 0 or 1, got {safer!r}", field="safer_response_id")
     # chosen = the safer response (the harmlessness preference); the helpfulness one stays in meta.
     out["chosen"], out["rejected"] = out.pop(f"response_{safer}", None), out.pop(f"response_{1 - safer}", None)
+    flags = [row.get(f"is_response_{i}_safe") for i in (0, 1)]
+    if any(flag is not None for flag in flags):  # the cost model's labels (docs/DATA.md)
+        for i, flag in enumerate(flags):
+            if not isinstance(flag, bool):
+                raise DataError(f"expected true or false, got {flag!r}", field=f"is_response_{i}_safe")
+        out["chosen_unsafe"], out["rejected_unsafe"] = not flags[safer], not flags[1 - safer]
+        out["safer_response"] = "chosen"
     return out
 
 
@@ -488,6 +504,43 @@ def _check_signal(value: Any, name: str) -> list[float]:
     return [float(v) for v in value]
 
 
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    """A boolean column: true/false (JSON, parquet), or in a text column true/false, yes/no, 1/0."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy / pyarrow scalars
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise DataError(f"expected true or false, got {value!r}", field=name)
+
+
+def _check_safety_labels(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The optional safety labels of a preference pair (schema.SAFETY_FIELDS), checked: both flags or
+    neither, ``safer_response`` only with them and only ``chosen`` / ``rejected``."""
+    given = [k for k in SAFETY_LABEL_FIELDS if row.get(k) is not None and row.get(k) != ""]
+    safer = row.get("safer_response")
+    safer = None if safer is None or safer == "" else safer
+    if not given:
+        if safer is not None:
+            raise DataError("given without the chosen_unsafe / rejected_unsafe labels it orders", field="safer_response")
+        return {}
+    if len(given) == 1:
+        missing = next(k for k in SAFETY_LABEL_FIELDS if k not in given)
+        raise DataError(f"missing while {given[0]!r} is given (a pair's safety labels come together)", field=missing)
+    out: dict[str, Any] = {k: _check_flag(row[k], k) for k in SAFETY_LABEL_FIELDS}
+    if safer is not None:
+        if safer not in ("chosen", "rejected"):
+            raise DataError(f"expected 'chosen' or 'rejected', got {safer!r}", field="safer_response")
+        out["safer_response"] = safer
+    return out
+
+
 def _resolve_group(value: Any, group_map: Mapping[str, str], name: str) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
         return None
@@ -515,13 +568,16 @@ def load_records(
     max_chars: int = 20000,
     group_map: Mapping[str, str] | None = None,
     require_group: bool = False,
+    require_safety_labels: bool = False,
 ) -> LoadResult:
     """Read ``source`` into validated records of ``kind``.
 
     Arguments given here override the matching ``DataSource`` fields. ``group_map`` maps extra
     labels (case-insensitive) to group names, e.g. ``{"unsafe": "EHD"}``; a label that is neither a
     group name nor mapped is an error. ``require_group``: a row without an FDC group is a bad row
-    (safety data that no categorizer will label). Returns every good record plus the skipped rows.
+    (safety data that no categorizer will label). ``require_safety_labels``: a preference row without
+    ``chosen_unsafe`` / ``rejected_unsafe`` is a bad row (the cost model's data). Returns every good
+    record plus the skipped rows.
     """
     if not isinstance(source, DataSource):
         source = DataSource(path=str(source))
@@ -568,6 +624,9 @@ def load_records(
             if require_group and record["group"] is None:
                 raise DataError("no FDC group (EHD, IHD, MHD or general): add a `group` column, set the source's "
                                 "`group`, or configure a categorizer", field="group")
+            if require_safety_labels and record.get("chosen_unsafe") is None:
+                raise DataError("missing: the cost model needs each pair's safety labels, chosen_unsafe and "
+                                "rejected_unsafe (docs/DATA.md)", field="chosen_unsafe")
         except DataError as err:
             err = DataError(err.reason, file=file, row=row_no, field=back.get(err.field, err.field) if err.field else None)
             if on_bad_row == "raise":
@@ -617,6 +676,7 @@ def _make_record(
         for name in SIGNAL_FIELDS:
             if row.get(name) is not None:
                 record[name] = _check_signal(row[name], name)
+        record.update(_check_safety_labels(row))
 
     rid = row.get("id")
     record["id"] = f"{source_name}-{row_no}" if rid is None or rid == "" else str(rid)
@@ -624,7 +684,7 @@ def _make_record(
     src = row.get("source")
     record["source"] = src if isinstance(src, str) and src else source_name
     meta = dict(row["meta"]) if isinstance(row.get("meta"), Mapping) else {}
-    keep = set(RECORD_FIELDS[kind]) | (set(SIGNAL_FIELDS) if kind == "preference" else set())
+    keep = set(RECORD_FIELDS[kind]) | (set(SIGNAL_FIELDS) | set(SAFETY_FIELDS) if kind == "preference" else set())
     for key, value in row.items():
         if key not in keep and value is not None:
             meta[key] = value

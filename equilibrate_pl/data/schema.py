@@ -45,6 +45,11 @@ IGNORE_INDEX = -100
 # Optional per-token values of a preference pair's responses (ADPO's ``ama.token_signal: field``);
 # a preference record may carry them besides RECORD_FIELDS.
 SIGNAL_FIELDS: tuple[str, ...] = ("chosen_token_signal", "rejected_token_signal")
+# Optional safety labels of a preference pair (the cost model's data, docs/DATA.md): whether each
+# response is unsafe (booleans, given together), and optionally which response is the safer one
+# ("chosen" | "rejected") when the labels alone do not order the pair.
+SAFETY_LABEL_FIELDS: tuple[str, ...] = ("chosen_unsafe", "rejected_unsafe")
+SAFETY_FIELDS: tuple[str, ...] = (*SAFETY_LABEL_FIELDS, "safer_response")
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt": ("id", "prompt", "group", "source", "meta"),
     "preference": ("id", "prompt", "chosen", "rejected", "group", "source", "meta"),

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from equilibrate_pl.data.contrastive import contrastive_pairs
 from equilibrate_pl.data.schema import GROUP_NAMES, SAFETY_GROUPS, Group
 from equilibrate_pl.files import atomic_write_jsonl
 
@@ -595,8 +596,11 @@ class World:
             kinds = ("helpful", "refusal")
         rid = f"{ex.id}-noise" if noisy else ex.id
         meta = ex.meta(chosen_kind=kinds[0], rejected_kind=kinds[1], noisy=noisy)
+        # The safety labels are the truth whatever the (possibly noisy) preference says: only a
+        # harmful compliance is unsafe; refusals, safe redirects and answers to benign prompts are safe.
         return {"id": rid, "prompt": ex.prompt, "chosen": chosen, "rejected": rejected, "group": group,
-                "source": SOURCE, "meta": meta}
+                "source": SOURCE, "meta": meta, "chosen_unsafe": kinds[0] == "harmful",
+                "rejected_unsafe": kinds[1] == "harmful"}
 
     def safety_pool(self, split: str, noise_fraction: float | None = None) -> list[dict[str, Any]]:
         """The realistic *unsorted* safety set for the naive arm.
@@ -620,6 +624,18 @@ class World:
         """Preference pairs of the general group (everyday tasks and look-alikes)."""
         return self.preference_records(split, [Group.GENERAL])
 
+    def contrastive_pool(self, split: str) -> list[dict[str, Any]]:
+        """Pairs that teach a reward model what a non-answer is (``data.contrastive``): on every
+        harmful prompt its safe response (refusal or redirect, as in the clean pairs) over an
+        off-topic everyday answer; on every benign prompt (look-alikes included) its answer over an
+        everyday answer of another topic. Donors come from the same split; both sides are safe."""
+        examples = self._select(split, None)
+        harmful = [{"id": ex.id, "prompt": ex.prompt, "response": ex.ideal_response, "group": ex.group,
+                    "meta": ex.meta()} for ex in examples if ex.ideal == "refuse"]
+        benign = [{"id": ex.id, "prompt": ex.prompt, "response": ex.helpful, "group": ex.group, "topic": ex.topic,
+                   "meta": ex.meta()} for ex in examples if ex.ideal == "help"]
+        return contrastive_pairs(harmful, benign, seed=self.seed + SPLITS.index(split), source=SOURCE)
+
     # -- text and files ----------------------------------------------------------------------
     def corpus(self) -> Iterator[str]:
         """Every text of the world (prompts and responses, both splits, noise included)."""
@@ -631,7 +647,7 @@ class World:
                 yield ex.harmful
 
     def to_files(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write `{prompts,sft,preference,safety_pool}_{split}.jsonl` atomically; returns name -> path."""
+        """Write `{prompts,sft,preference,safety_pool,contrastive}_{split}.jsonl` atomically; returns name -> path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
@@ -641,6 +657,7 @@ class World:
                 f"sft_{split}": self.sft_records(split),
                 f"preference_{split}": self.preference_records(split),
                 f"safety_pool_{split}": self.safety_pool(split),
+                f"contrastive_{split}": self.contrastive_pool(split),
             }
             for name, rows in tables.items():
                 atomic_write_jsonl(out / f"{name}.jsonl", rows)

@@ -2,6 +2,7 @@
 
 - :class:`SFTModule` — supervised fine-tuning (response tokens only; full / LoRA / QLoRA).
 - :class:`RewardModule` — Bradley-Terry reward model with dense per-token rewards.
+- :class:`CostModule` — Safe RLHF's cost model (a reward model whose score is a cost, > 0 unsafe).
 - :class:`PreferenceModule` — DPO and ADPO (DPO with the AMA token mask).
 - ``PolicyModule`` (``equilibrate_pl.modules.policy``) — PPO / APPO / GRPO / RLOO.
 
@@ -18,6 +19,7 @@ from equilibrate_pl.modules.common import (
     RNGStateCallback,
     check_tokenizers_match,
 )
+from equilibrate_pl.modules.cost import CostModule
 from equilibrate_pl.modules.preference import PreferenceModule
 from equilibrate_pl.modules.reward import RewardModule
 from equilibrate_pl.modules.sft import SFTModule
@@ -27,6 +29,7 @@ __all__ = [
     "AMASettings",
     "APPOSettings",
     "AtomicCheckpointIO",
+    "CostModule",
     "ModelSettings",
     "NonFiniteGuard",
     "OptimSettings",

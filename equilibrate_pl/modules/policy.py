@@ -41,6 +41,7 @@ from torch import nn
 
 from equilibrate_pl.algorithms.ama import APPOSettings, appo_mask
 from equilibrate_pl.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from equilibrate_pl.algorithms.lagrangian import LagrangeMultiplier, combine_advantages
 from equilibrate_pl.algorithms.ppo import (
     gae,
     group_advantages,
@@ -190,6 +191,53 @@ class KLSettings:
     horizon: int = 10000
 
 
+@dataclass
+class ConstraintSettings:
+    """PPO-Lagrangian (Safe RLHF, Dai et al., 2024): keep the mean episode cost of a cost model at or
+    below ``threshold`` (docs/PPO.md: the cost constraint). The cost model itself is the module's
+    ``cost_model`` argument, beside ``reward_model``.
+
+    Args:
+        threshold: the limit d on the mean episode cost (cost > 0 means unsafe, so 0 asks for a policy
+            that is safe on average; a negative threshold asks for margin).
+        lambda_init: the multiplier lambda at the start (> 0; safe-rlhf's default is 1).
+        lambda_lr: SGD learning rate of ``log(lambda)``.
+        lambda_max: cap on lambda (``None``: none).
+        update_delay: PPO iterations before lambda starts moving.
+        window: episodes in the moving mean cost lambda is updated on (0: this iteration's episodes).
+        use_cost_critic: cost advantages from a cost critic (GAE on the per-token costs; a scalar
+            model initialised from the cost model, or the module's ``cost_critic``) or critic-free
+            (the group estimator on each prompt's samples: GRPO-normalised costs, or RLOO under
+            ``advantage: rloo``; needs ``samples_per_prompt >= 2``). ``None``: a cost critic exactly
+            when the reward side has a critic (``advantage: gae``).
+        groups: FDC groups whose episodes enter the mean cost lambda is updated on (``None``: every
+            episode). An FDC mix is mostly general prompts, whose safe answers would dilute the mean
+            cost until no harmful prompt could move it; ``[EHD, IHD, MHD]`` constrains the safety
+            prompts. Every episode's cost still enters its advantage.
+    """
+
+    threshold: float = 0.0
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: Optional[float] = None
+    update_delay: int = 0
+    window: int = 0
+    use_cost_critic: Optional[bool] = None
+    groups: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        # The multiplier checks its own arguments; build one now so a bad setting fails at start-up.
+        self.multiplier()
+        if self.groups is not None:
+            unknown = sorted(set(self.groups) - set(GROUP_NAMES))
+            if unknown or not self.groups:
+                raise ValueError(f"constraint.groups must be a non-empty list of {list(GROUP_NAMES)}, got {self.groups}")
+            self.groups = list(self.groups)
+
+    def multiplier(self) -> LagrangeMultiplier:
+        return LagrangeMultiplier(self.threshold, self.lambda_init, self.lambda_lr, self.lambda_max, self.update_delay, self.window)
+
+
 AdvantageEstimator = Literal["gae", "grpo", "rloo"]
 
 
@@ -207,6 +255,7 @@ class MinibatchLoss(NamedTuple):
     actor: torch.Tensor  # what the actor's optimizer steps on (with the value loss when the critic shares the actor)
     critic: torch.Tensor  # the value loss (the separate critic's optimizer steps on it; zero without a critic)
     stats: dict[str, torch.Tensor]  # per-minibatch diagnostics, averaged over minibatches and ranks for logging
+    cost_critic: Optional[torch.Tensor] = None  # the cost critic's value loss (with a constraint and a cost critic)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +288,12 @@ class PolicyModule(LightningModule):
             (``models.forward.shared_prompt_forward``): the same log-probs, values and scores, the
             prompt's cost divided by k. Needs a model whose forward takes a cache and gradient
             checkpointing off (otherwise, or with ``False``, every row runs whole).
+        cost_model: a scalar-head cost model (``equilibrate cost`` output; > 0 = unsafe); frozen.
+            Scored like the reward model (at the last real token) and logged; it steers the update
+            only with a ``constraint``.
+        cost_critic: scalar-head model for the cost values when the constraint uses a cost critic;
+            ``None`` initialises it from the cost model.
+        constraint: PPO-Lagrangian settings (:class:`ConstraintSettings`); ``None``: plain PPO.
 
     Pre-built models (tests, notebooks) go through :meth:`from_models`.
     """
@@ -262,6 +317,9 @@ class PolicyModule(LightningModule):
         log_refusals: bool = True,
         seed: int = 0,
         share_prompt: bool = True,
+        cost_model: Optional[ModelSettings] = None,
+        cost_critic: Optional[ModelSettings] = None,
+        constraint: Optional[ConstraintSettings] = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -291,6 +349,11 @@ class PolicyModule(LightningModule):
             raise ValueError(f"critic_mode must be 'separate' or 'shared', got {critic_mode!r}")
         if reference not in ("auto", "copy", "adapter_disabled"):
             raise ValueError(f"reference must be 'auto', 'copy' or 'adapter_disabled', got {reference!r}")
+        self.cost_settings = coerce_settings(ModelSettings, cost_model)
+        self.cost_critic_settings = coerce_settings(ModelSettings, cost_critic)
+        self.constraint = coerce_settings(ConstraintSettings, constraint)
+        if self.constraint is not None:
+            _check_constraint(self.constraint, advantage, samples_per_prompt, self.ama)
         self.critic_mode = critic_mode
         self.reference_mode = reference
         self.advantage = advantage
@@ -303,7 +366,8 @@ class PolicyModule(LightningModule):
             critic_mode=critic_mode, reference=reference, generation=self.generation, ppo=self.ppo, kl=self.kl,
             ama=self.ama, advantage=advantage, samples_per_prompt=samples_per_prompt, actor_optim=self.actor_optim,
             critic_optim=self.critic_optim, max_nonfinite_steps=max_nonfinite_steps, log_refusals=log_refusals, seed=seed,
-            share_prompt=share_prompt,
+            share_prompt=share_prompt, cost_model=self.cost_settings, cost_critic=self.cost_critic_settings,
+            constraint=self.constraint,
         )
 
         self.actor: nn.Module | None = None
@@ -311,6 +375,9 @@ class PolicyModule(LightningModule):
         self.value_head: nn.Linear | None = None
         self.reward_model: nn.Module | None = None
         self.reference: nn.Module | None = None
+        self.cost_model: nn.Module | None = None
+        self.cost_critic: nn.Module | None = None
+        self.multiplier: LagrangeMultiplier | None = self.constraint.multiplier() if self.constraint is not None else None
         self.tokenizer: Any = None
         self._configured = False
         self.kl_controller: FixedKLController | AdaptiveKLController = (
@@ -332,14 +399,18 @@ class PolicyModule(LightningModule):
         reward_model: nn.Module,
         critic: nn.Module | None = None,
         reference_model: nn.Module | None = None,
+        cost_model: nn.Module | None = None,
+        cost_critic: nn.Module | None = None,
         **settings: Any,
     ) -> "PolicyModule":
         """A module around models built elsewhere (notebooks, tests). ``settings`` are the
-        constructor's keyword arguments (``reference="copy"|...`` among them); a
-        ``reference_model`` given here is used as is (frozen)."""
+        constructor's keyword arguments (``reference="copy"|...``, ``constraint={...}`` among them); a
+        ``reference_model`` given here is used as is (frozen); a ``cost_model`` is frozen, and a missing
+        ``cost_critic`` starts as a copy of it."""
         module = cls(**settings)
         module.actor, module.tokenizer, module.reward_model = actor, tokenizer, reward_model
         module.critic = critic
+        module.cost_model, module.cost_critic = cost_model, cost_critic
         if reference_model is not None:
             module.reference = reference_model
         return module
@@ -347,6 +418,24 @@ class PolicyModule(LightningModule):
     @property
     def uses_critic(self) -> bool:
         return self.advantage == "gae"
+
+    @property
+    def uses_cost_critic(self) -> bool:
+        """Cost advantages from a cost critic (GAE on costs), rather than the group estimator."""
+        if self.constraint is None:
+            return False
+        use = self.constraint.use_cost_critic
+        return self.uses_critic if use is None else use
+
+    @property
+    def optimizer_roles(self) -> tuple[str, ...]:
+        """What each optimizer of :meth:`configure_optimizers` trains, in order."""
+        roles = ["actor"]
+        if self.uses_critic and self.critic_mode == "separate":
+            roles.append("critic")
+        if self.uses_cost_critic:
+            roles.append("cost_critic")
+        return tuple(roles)
 
     def build_models(self) -> None:
         """Load whatever :meth:`from_models` did not provide, from the settings."""
@@ -365,6 +454,27 @@ class PolicyModule(LightningModule):
             )
             self.critic, critic_tokenizer = build_scalar_model(settings)
             check_tokenizers_match(self.tokenizer, critic_tokenizer, ("policy", "critic"))
+        self._build_cost_models()
+
+    def _build_cost_models(self) -> None:
+        """The cost model (frozen) and, with a cost critic, the critic: from its settings, else from the
+        cost model's path, else (a cost model built elsewhere) a copy of the cost model."""
+        if self.cost_model is None and self.cost_settings is not None:
+            self.cost_model, cost_tokenizer = build_scalar_model(self.cost_settings)
+            check_tokenizers_match(self.tokenizer, cost_tokenizer, ("policy", "cost model"))
+        if self.constraint is not None and self.cost_model is None:
+            raise ValueError("a constraint needs a cost model: set cost_model.name_or_path (an `equilibrate cost` output)")
+        if not self.uses_cost_critic or self.cost_critic is not None:
+            return
+        if self.cost_critic_settings is None and self.cost_settings is None:
+            self.cost_critic = copy.deepcopy(self.cost_model).requires_grad_(True)
+            return
+        settings = self.cost_critic_settings or ModelSettings(
+            name_or_path=self.cost_settings.name_or_path, dtype=self.actor_settings.dtype, lora=self.actor_settings.lora,
+            gradient_checkpointing=self.actor_settings.gradient_checkpointing,
+        )
+        self.cost_critic, critic_tokenizer = build_scalar_model(settings)
+        check_tokenizers_match(self.tokenizer, critic_tokenizer, ("policy", "cost critic"))
 
     def configure_model(self) -> None:
         """Build models, freeze reward/reference, remove dropout, and shard with FSDP2 when the
@@ -381,6 +491,10 @@ class PolicyModule(LightningModule):
         self._freeze(self.reward_model)
         if self.critic is not None:
             disable_dropout(self.critic).train()
+        if self.cost_model is not None:
+            self._freeze(self.cost_model)
+        if self.cost_critic is not None:
+            disable_dropout(self.cost_critic).train()
         if self.uses_critic and self.critic_mode == "shared" and self.value_head is None:
             hidden = self.actor.config.hidden_size
             self.value_head = nn.Linear(hidden, 1).to(next(self.actor.parameters()).dtype)
@@ -401,7 +515,8 @@ class PolicyModule(LightningModule):
             dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
             if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
                 raise ValueError("PolicyModule supports data-parallel FSDP2 only: set tensor_parallel_size=1")
-            for model in (self.actor, self.critic, self.value_head, self.reward_model, self.reference):
+            for model in (self.actor, self.critic, self.value_head, self.reward_model, self.reference, self.cost_model,
+                          self.cost_critic):
                 if model is not None and not is_sharded(model):
                     shard_module(model, dp_mesh)
         self._configured = True
@@ -445,12 +560,22 @@ class PolicyModule(LightningModule):
                 {"params": actor_params, "lr": self.actor_optim.lr, "weight_decay": self.actor_optim.weight_decay},
                 {"params": list(self.value_head.parameters()), "lr": self.critic_optim.lr, "weight_decay": 0.0},
             ]
-            return [configure_adamw(self, groups, self.actor_optim)]
+            return [configure_adamw(self, groups, self.actor_optim), *self._cost_critic_optimizer()]
         configs = [configure_adamw(self, [{"params": actor_params, "weight_decay": self.actor_optim.weight_decay}], self.actor_optim)]
         if self.uses_critic:
             critic_params = [p for p in self.critic.parameters() if p.requires_grad]
             configs.append(configure_adamw(self, [{"params": critic_params, "weight_decay": self.critic_optim.weight_decay}], self.critic_optim))
-        return configs
+        return configs + self._cost_critic_optimizer()
+
+    def _cost_critic_optimizer(self) -> list[dict[str, Any]]:
+        # The cost critic learns at the critic's rate (safe-rlhf trains both critics with critic_lr).
+        if not self.uses_cost_critic:
+            return []
+        params = [p for p in self.cost_critic.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the cost critic has no trainable parameters (a copy of a cost model without any?): pass a "
+                             "scalar-head cost_critic")
+        return [configure_adamw(self, [{"params": params, "weight_decay": self.critic_optim.weight_decay}], self.critic_optim)]
 
     # ----------------------------------------------------------------------------- forward passes
 
@@ -577,12 +702,27 @@ class PolicyModule(LightningModule):
         rollout.ref_logprobs = torch.cat(parts["ref"]) * mask
         if parts["values"]:
             rollout.values = torch.cat(parts["values"]) * mask
-        prefix = torch.cat(parts["rm"])
-        rollout.scores = prefix.gather(1, rollout.last_token_index.unsqueeze(1)).squeeze(1)
-        # Dense rewards need the score at the end of the prompt: start one column before the response.
-        dense_mask = attn[:, p - 1:].bool().clone()
-        dense_mask[:, 0] = False
-        rollout.dense_rewards = dense_rewards(prefix[:, p - 1:], dense_mask)[:, 1:]
+        rollout.scores, rollout.dense_rewards = _sequence_and_dense(torch.cat(parts["rm"]), rollout)
+        return rollout
+
+    @torch.no_grad()
+    def score_costs(self, rollout: Rollout) -> Rollout:
+        """The cost model's sequence costs (at the last real token, like the reward) and dense costs,
+        and the cost critic's values; nothing without a cost model. Same chunks and shared-prompt
+        path as :meth:`score`."""
+        if self.cost_model is None:
+            return rollout
+        seq, attn, p = rollout.sequences, rollout.attention_mask, rollout.prompt_length
+        prefix: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for idx in _chunks(seq.shape[0], self.ppo.minibatch_size):
+            k = self.prompt_group(rollout, idx)
+            prefix.append(self.scalar_forward(self.cost_model, seq[idx], attn[idx], p, k))
+            if self.uses_cost_critic:
+                values.append(self.scalar_forward(self.cost_critic, seq[idx], attn[idx], p, k)[:, p - 1:-1])
+        rollout.cost_scores, rollout.cost_dense = _sequence_and_dense(torch.cat(prefix), rollout)
+        if values:
+            rollout.cost_values = torch.cat(values) * rollout.response_mask
         return rollout
 
     def compute_scores(self, batch: dict[str, Any], rollout: Rollout) -> torch.Tensor:
@@ -599,33 +739,77 @@ class PolicyModule(LightningModule):
         """Per-token rewards: ``-kl_coef * KL_t`` on every response token plus the sequence score
         (:meth:`compute_scores`) on the last one (the EOS or the cut, never a pad after it), returned
         with the KL and the scores they contain (logged, and the KL feeds the adaptive controller)."""
-        mask = rollout.response_mask
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.kl.estimator) * mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.kl.estimator) * rollout.response_mask
         scores = self.compute_scores(batch, rollout)
-        last = (rollout.response_lengths - 1).clamp(min=0)
-        rewards = (-self.kl_controller.value * kl).scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(kl.dtype)) * mask
-        return TokenRewards(rewards, kl, scores)
+        return TokenRewards(_token_rewards(scores, -self.kl_controller.value * kl, rollout), kl, scores)
+
+    def compute_costs(self, batch: dict[str, Any], rollout: Rollout) -> torch.Tensor:
+        """(B,) episode costs: the cost model at the last real token, clipped like the scores
+        (``ppo.reward_clip``). No missing-EOS term: a cut response is not more harmful for being cut.
+        Override to reshape the cost."""
+        costs = rollout.cost_scores.float()
+        if self.ppo.reward_clip is not None:
+            costs = costs.clamp(-self.ppo.reward_clip, self.ppo.reward_clip)
+        return costs
+
+    def compute_cost_rewards(self, batch: dict[str, Any], rollout: Rollout) -> TokenRewards:
+        """Per-token costs: the episode cost (:meth:`compute_costs`) on the last token plus
+        ``+kl_coef * KL_t`` on every token, as safe-rlhf does: in ``(A_r - lambda A_c) / (1 + lambda)``
+        the KL term then counts ``-kl_coef * KL_t`` once, whatever lambda (GAE is linear in the rewards).
+        Needs ``rollout.kl`` (:meth:`compute_rewards`)."""
+        costs = self.compute_costs(batch, rollout)
+        return TokenRewards(_token_rewards(costs, self.kl_controller.value * rollout.kl, rollout), rollout.kl, costs)
+
+    def estimate_advantages(self, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
+                            critic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages, returns) of per-token ``rewards``, not whitened: GAE with a critic's ``values``,
+        or the group estimator (``advantage``; GRPO when that is ``gae``) on their per-sequence sums,
+        broadcast to every response token (returns are then zero)."""
+        if critic:
+            return gae(rewards, values, mask, self.ppo.gamma, self.ppo.lam)
+        sequence_rewards = (rewards * mask).sum(-1)
+        method = "grpo" if self.advantage == "gae" else self.advantage
+        advantages = group_advantages(sequence_rewards, self.samples_per_prompt, method).unsqueeze(1) * mask
+        return advantages, torch.zeros_like(advantages)
 
     def compute_advantages(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(advantages, returns), each (B, R). GAE with the critic, or a group estimator on the
-        summed per-token rewards (score minus KL), broadcast to every response token."""
+        summed per-token rewards (score minus KL), broadcast to every response token. With a
+        constraint the reward and cost advantages are combined as ``(A_r - lambda A_c) / (1 + lambda)``
+        (:func:`~equilibrate_pl.algorithms.lagrangian.combine_advantages`) before whitening, so
+        whitening rescales what the policy loss pushes without changing lambda's weight; the cost
+        critic's returns go to ``rollout.cost_returns``."""
         mask = rollout.response_mask
-        if self.advantage == "gae":
-            advantages, returns = gae(rollout.rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
-        else:
-            sequence_rewards = (rollout.rewards * mask).sum(-1)
-            seq_adv = group_advantages(sequence_rewards, self.samples_per_prompt, self.advantage)
-            advantages = seq_adv.unsqueeze(1) * mask
-            returns = torch.zeros_like(advantages)
+        advantages, returns = self.estimate_advantages(rollout.rewards, rollout.values, mask, self.uses_critic)
+        if self.constraint is not None:
+            cost_advantages, rollout.cost_returns = self.estimate_advantages(rollout.cost_rewards, rollout.cost_values, mask,
+                                                                             self.uses_cost_critic)
+            rollout.extras["reward_advantages"], rollout.extras["cost_advantages"] = advantages, cost_advantages
+            advantages = combine_advantages(advantages, cost_advantages, self.multiplier.value) * mask
         if self.ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask, stats=global_masked_stats(advantages, mask))
         return advantages, returns
 
     def token_signal(self, rollout: Rollout) -> torch.Tensor:
-        """(B, R) per-token signal r_t of the APPO mask."""
+        """(B, R) per-token signal r_t of the APPO mask. With a constraint, the reward and cost signals
+        (values, or dense rewards and dense costs) combined like the advantages (docs/PPO.md)."""
         if self.ama.token_signal == "value":
-            return rollout.values
-        return rollout.dense_rewards
+            signal, cost_signal = rollout.values, rollout.cost_values
+        else:
+            signal, cost_signal = rollout.dense_rewards, rollout.cost_dense
+        if self.constraint is None:
+            return signal
+        return combine_advantages(signal, cost_signal, self.multiplier.value)
+
+    def update_multiplier(self, rollout: Rollout) -> None:
+        """Add this iteration's episode costs (every rank's; those of ``constraint.groups``) to the
+        multiplier's window and step lambda (``algorithms.lagrangian.LagrangeMultiplier``); every rank
+        takes the same step. An iteration without such episodes leaves lambda as it is."""
+        mine = rollout.shaped_costs.tolist()
+        if self.constraint.groups is not None:
+            mine = [c for c, g in zip(mine, rollout.groups) if g in self.constraint.groups]
+        costs = [c for rank_costs in all_gather_objects(mine) for c in rank_costs]
+        self.multiplier.update(costs, iteration=self.global_step)
 
     def policy_mask(self, rollout: Rollout) -> torch.Tensor:
         """Tokens that enter the policy loss: the APPO mask, or every response token (plain PPO)."""
@@ -650,11 +834,19 @@ class PolicyModule(LightningModule):
         with _timed(timings, "scoring"):
             self.score(rollout)
             rollout.rewards, rollout.kl, rollout.shaped_scores = self.compute_rewards(batch, rollout)
+            self.score_costs(rollout)
+            if self.constraint is not None:
+                rollout.cost_rewards, _, rollout.shaped_costs = self.compute_cost_rewards(batch, rollout)
+            elif rollout.cost_scores is not None:  # monitored only: a bad cost must not stop training
+                rollout.shaped_costs = self.compute_costs(batch, rollout)
         finite = torch.isfinite(rollout.rewards).all() & torch.isfinite(rollout.logprobs).all()
-        if rollout.values is not None:
-            finite &= torch.isfinite(rollout.values).all()
+        for extra in (rollout.values, rollout.cost_rewards, rollout.cost_values):
+            if extra is not None:
+                finite &= torch.isfinite(extra).all()
         if not self._check_finite(finite, "rewards"):
             return None  # a skipped iteration advances neither global_step nor the LR schedule
+        if self.constraint is not None:
+            self.update_multiplier(rollout)
         rollout.advantages, rollout.returns = self.compute_advantages(rollout)
         rollout.policy_mask = self.policy_mask(rollout)
         with _timed(timings, "update"):
@@ -689,6 +881,11 @@ class PolicyModule(LightningModule):
         if self.uses_critic:
             values = forward["values"] if shared else self.scalar_forward(self.critic, mb["sequences"], mb["attention_mask"])[:, p - 1:-1]
             vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["response_mask"], self.ppo.value_clip, normalizer=token_norm)
+        cost_vf_loss = None
+        if self.uses_cost_critic:
+            cost_values = self.scalar_forward(self.cost_critic, mb["sequences"], mb["attention_mask"])[:, p - 1:-1]
+            cost_vf_loss, _ = value_loss(cost_values, mb["cost_values"], mb["cost_returns"], mb["response_mask"],
+                                         self.ppo.value_clip, normalizer=token_norm)
         stats = {
             "loss/policy": pg_loss.detach(),
             "loss/value": vf_loss.detach(),
@@ -701,7 +898,9 @@ class PolicyModule(LightningModule):
         }
         if vf_stats:
             stats["ppo/value_clip_fraction"] = vf_stats["value_clip_fraction"]
-        return MinibatchLoss(actor_loss + self.ppo.value_coef * vf_loss if shared else actor_loss, vf_loss, stats)
+        if cost_vf_loss is not None:
+            stats["loss/cost_value"] = cost_vf_loss.detach()
+        return MinibatchLoss(actor_loss + self.ppo.value_coef * vf_loss if shared else actor_loss, vf_loss, stats, cost_vf_loss)
 
     def update(self, rollout: Rollout) -> dict[str, torch.Tensor] | None:
         """``ppo_epochs`` passes of :meth:`minibatch_loss` over shuffled minibatches, an actor (and
@@ -709,7 +908,8 @@ class PolicyModule(LightningModule):
         ``None`` if a non-finite loss made this batch be skipped."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        actor_opt, critic_opt = optimizers[0], optimizers[1] if len(optimizers) > 1 else None
+        roles = dict(zip(self.optimizer_roles, optimizers))
+        actor_opt, critic_opt, cost_opt = roles["actor"], roles.get("critic"), roles.get("cost_critic")
         n = rollout.sequences.shape[0]
         minibatches = [idx for epoch in range(self.ppo.ppo_epochs) for idx in _chunks(n, self.ppo.minibatch_size, self._shuffled(n, epoch))]
         sums: dict[str, float] = {}
@@ -720,7 +920,10 @@ class PolicyModule(LightningModule):
                 forward = {key: value[idx] for key, value in rollout.update_forward.items()}
                 rollout.update_forward = None
             loss = self.minibatch_loss(rollout.select(idx), rollout.prompt_length, forward)
-            if not self._check_finite(torch.isfinite(loss.actor.detach()) & torch.isfinite(loss.critic.detach()), "loss"):
+            finite = torch.isfinite(loss.actor.detach()) & torch.isfinite(loss.critic.detach())
+            if loss.cost_critic is not None:
+                finite &= torch.isfinite(loss.cost_critic.detach())
+            if not self._check_finite(finite, "loss"):
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 return None
@@ -729,6 +932,8 @@ class PolicyModule(LightningModule):
             step = {"grad_norm/actor": self._backward_and_step(actor_opt, loss.actor, count=i == len(minibatches) - 1)}
             if critic_opt is not None:
                 step["grad_norm/critic"] = self._backward_and_step(critic_opt, loss.critic, count=False)
+            if cost_opt is not None:
+                step["grad_norm/cost_critic"] = self._backward_and_step(cost_opt, loss.cost_critic, count=False)
             deviation = loss.stats.pop("ppo/ratio_max_deviation")
             if i == 0:
                 first_deviation = float(deviation)
@@ -801,6 +1006,9 @@ class PolicyModule(LightningModule):
         }
         if refusals is not None:
             columns["refusals"] = refusals
+        costs = rollout.shaped_costs if rollout.shaped_costs is not None else rollout.cost_scores
+        if costs is not None:
+            columns["cost"], columns["unsafe"] = costs.float(), costs > 0
         groups = group_sums(columns, rollout.groups)  # {name: (groups,)}, every rank's rows
         total = {name: value.sum() for name, value in groups.items()}
         rows = total["rows"].clamp(min=1)
@@ -821,6 +1029,11 @@ class PolicyModule(LightningModule):
             metrics["response/refusal_rate"] = total["refusals"] / rows
         if rollout.values is not None:
             metrics["ppo/value_explained_variance"] = global_explained_variance(rollout.values, rollout.returns, m)
+        if costs is not None:
+            metrics["cost/mean"] = total["cost"] / rows
+            metrics["cost/unsafe_fraction"] = total["unsafe"] / rows
+        if self.multiplier is not None:
+            metrics.update(self._constraint_metrics(rollout))
         metrics.update(stats)
         for i, name in enumerate(GROUP_LOG_NAMES):
             n_rows = groups["rows"][i]
@@ -832,6 +1045,11 @@ class PolicyModule(LightningModule):
             metrics[f"group/{name}/kept_fraction"] = groups["kept"][i] / groups["length"][i].clamp(min=1)
             if refusals is not None:
                 metrics[f"group/{name}/refusal_rate"] = groups["refusals"][i] / n_rows
+            if costs is not None:
+                metrics[f"group/{name}/cost"] = groups["cost"][i] / n_rows
+                metrics[f"group/{name}/unsafe_fraction"] = groups["unsafe"][i] / n_rows
+                if self.constraint is not None:
+                    metrics[f"group/{name}/violation"] = groups["cost"][i] / n_rows - self.constraint.threshold
         step_time = sum(timings.values())
         for phase, seconds in timings.items():
             metrics[f"time/{phase}_s"] = seconds
@@ -854,6 +1072,24 @@ class PolicyModule(LightningModule):
         if step_is_logged(self):
             self.log_dict(dict(self.last_metrics), on_step=True, on_epoch=False, prog_bar=False,
                           batch_size=len(rollout.groups), rank_zero_only=True)
+
+    def _constraint_metrics(self, rollout: Rollout) -> dict[str, Any]:
+        """lambda, the windowed mean cost it was stepped on and its violation of the threshold, the
+        cost critic's explained variance, and the mean reward / cost advantages before combining."""
+        assert self.multiplier is not None and self.constraint is not None
+        window_cost = self.multiplier.mean_cost()
+        out: dict[str, Any] = {
+            "lagrangian/lambda": self.multiplier.value,
+            "lagrangian/window_cost": window_cost,
+            "lagrangian/violation": window_cost - self.constraint.threshold,
+        }
+        m = rollout.response_mask
+        for name in ("reward_advantages", "cost_advantages"):
+            if name in rollout.extras:
+                out[f"lagrangian/{name.replace('_advantages', '')}_advantage_std"] = global_masked_stats(rollout.extras[name], m)[1].sqrt()
+        if rollout.cost_values is not None:
+            out["ppo/cost_value_explained_variance"] = global_explained_variance(rollout.cost_values, rollout.cost_returns, m)
+        return out
 
     def _refusals(self, rollout: Rollout) -> torch.Tensor | None:
         try:
@@ -883,6 +1119,8 @@ class PolicyModule(LightningModule):
             "nonfinite_guard": self.nonfinite_guard.state_dict(),
             "rollout_rng": all_gather_objects(self.rollout_rng.state_dict()),
         }
+        if self.multiplier is not None:  # lambda, its optimizer and the cost window: the next step's lambda
+            checkpoint["policy_state"]["lagrange_multiplier"] = self.multiplier.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("policy_state")
@@ -890,6 +1128,11 @@ class PolicyModule(LightningModule):
             return
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.nonfinite_guard.load_state_dict(state["nonfinite_guard"])
+        if self.multiplier is not None:
+            if "lagrange_multiplier" not in state:
+                raise ValueError("this checkpoint was written without a constraint: a constrained run cannot resume from "
+                                 "it (its Lagrange multiplier is missing); start a new run from its exported policy")
+            self.multiplier.load_state_dict(state["lagrange_multiplier"])
         states, this_rank = state["rollout_rng"], rank()
         if this_rank < len(states):
             self._pending_rng_state = states[this_rank]
@@ -907,6 +1150,36 @@ def _optimizer_step(optimizer: Any, count: bool) -> None:
         optimizer.step()
     else:
         optimizer.optimizer.step()
+
+
+def _sequence_and_dense(prefix: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a scalar model's (B, P + R) prefix scores over the rollout: the (B,) score at each row's
+    last real token and the (B, R) dense per-token differences on the response."""
+    p = rollout.prompt_length
+    scores = prefix.gather(1, rollout.last_token_index.unsqueeze(1)).squeeze(1)
+    # Dense rewards need the score at the end of the prompt: start one column before the response.
+    dense_mask = rollout.attention_mask[:, p - 1:].bool().clone()
+    dense_mask[:, 0] = False
+    return scores, dense_rewards(prefix[:, p - 1:], dense_mask)[:, 1:]
+
+
+def _token_rewards(scores: torch.Tensor, per_token: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """(B, R): ``per_token`` on every response token plus the (B,) ``scores`` on the last one (the
+    EOS or the cut, never a pad after it)."""
+    last = (rollout.response_lengths - 1).clamp(min=0)
+    return per_token.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(per_token.dtype)) * rollout.response_mask
+
+
+def _check_constraint(constraint: ConstraintSettings, advantage: str, samples_per_prompt: int, ama: APPOSettings) -> None:
+    critic = advantage == "gae" if constraint.use_cost_critic is None else constraint.use_cost_critic
+    if critic and advantage != "gae":
+        raise ValueError(f"constraint.use_cost_critic: true needs advantage='gae' (advantage={advantage!r} has no critic)")
+    if not critic and samples_per_prompt < 2:
+        raise ValueError("critic-free cost advantages compare the samples of a prompt: set samples_per_prompt >= 2 "
+                         "(or constraint.use_cost_critic: true under advantage='gae')")
+    if not critic and ama.enabled and ama.token_signal == "value":
+        raise ValueError("APPO's value signal with a constraint needs a cost critic's values; use "
+                         "ama.token_signal='dense_reward' or constraint.use_cost_critic: true")
 
 
 def _chunks(n: int, size: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -946,4 +1219,5 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = time.perf_counter() - start
 
 
-__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "Rollout", "TokenRewards", "MinibatchLoss"]
+__all__ = ["PolicyModule", "GenerationSettings", "PPOSettings", "KLSettings", "APPOSettings", "ConstraintSettings", "Rollout",
+           "TokenRewards", "MinibatchLoss"]

@@ -183,6 +183,7 @@ class RewardModule(SingleModelHooks, LightningModule):
         if "prefix_value" in stats:
             self.log("val/prefix_value", stats["prefix_value"].mean(), batch_size=bs, sync_dist=True)
         log_per_group(self, "val/accuracy_group", correct.float(), batch.get("group"))
+        log_per_group(self, "val/accuracy_kind", correct.float(), batch.get("pair_kind"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss, stats = self.compute_loss(batch)

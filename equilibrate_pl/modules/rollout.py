@@ -41,6 +41,13 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
     policy_mask: torch.Tensor | None = None  # (B, R) tokens in the policy loss (APPO mask or response_mask)
+    # With a cost model (PolicyModule.score_costs); the rest only with a constraint.
+    cost_scores: torch.Tensor | None = None  # (B,) cost model at the last real token
+    cost_dense: torch.Tensor | None = None  # (B, R) differences of the cost model's prefix scores
+    shaped_costs: torch.Tensor | None = None  # (B,) the episode costs in the per-token costs (compute_costs)
+    cost_rewards: torch.Tensor | None = None  # (B, R) per-token costs (episode cost + KL term)
+    cost_values: torch.Tensor | None = None  # (B, R) cost critic values
+    cost_returns: torch.Tensor | None = None  # (B, R)
     # Single-pass mode only: the actor's scoring forward, graph attached, which the update reuses.
     update_forward: dict[str, torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +67,8 @@ class Rollout:
 
     def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The per-row tensors of a minibatch (rows ``index``)."""
-        names = ("sequences", "attention_mask", "response_mask", "logprobs", "values", "advantages", "returns", "policy_mask")
+        names = ("sequences", "attention_mask", "response_mask", "logprobs", "values", "advantages", "returns", "policy_mask",
+                 "cost_values", "cost_returns")
         return {n: getattr(self, n)[index] for n in names if getattr(self, n) is not None}
 
 

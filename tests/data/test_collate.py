@@ -198,3 +198,25 @@ def test_ragged_batches_match_a_per_row_loop(word_tokenizer, rows, max_prompt_le
         assert batch["prompt_truncated"][i].item() == prompt_cut
         assert batch["response_truncated"][i].item() == response_cut
         assert (VOCAB["<eos>"] in batch["labels"][i].tolist()) == (not response_cut)
+
+
+def test_safety_labels_harm_order_and_pair_kind(word_tokenizer):
+    coll = PreferenceCollator(word_tokenizer, max_length=16, max_prompt_length=8)
+    base = {"prompt": "hi", "chosen": "ok", "rejected": "no"}
+    rows = [
+        {**base, "chosen_unsafe": False, "rejected_unsafe": True, "meta": {"chosen_kind": "refusal", "rejected_kind": "harmful"}},
+        {**base, "chosen_unsafe": True, "rejected_unsafe": False},  # chosen is the harmful one (a helpfulness pair)
+        {**base, "chosen_unsafe": False, "rejected_unsafe": False, "meta": {"pair_kind": "safe_over_off_topic"}},
+        {**base, "chosen_unsafe": True, "rejected_unsafe": True, "safer_response": "chosen"},
+        {**base, "chosen_unsafe": False, "rejected_unsafe": False, "safer_response": "rejected"},
+    ]
+    batch = coll.collate_records(rows)
+    assert batch["chosen_unsafe"].tolist() == [False, True, False, True, False]
+    assert batch["rejected_unsafe"].tolist() == [True, False, False, True, False]
+    assert batch["chosen_unsafe"].dtype == torch.bool
+    assert batch["harm_order"].tolist() == [1.0, -1.0, 0.0, 1.0, -1.0]
+    assert batch["pair_kind"] == ["refusal_over_harmful", "pair", "safe_over_off_topic", "pair", "pair"]
+    plain = coll.collate_records([base])
+    assert "harm_order" not in plain and plain["pair_kind"] == ["pair"]
+    with pytest.raises(ValueError, match=r"rows \[1\] of this batch have no safety labels"):
+        coll.collate_records([rows[0], base])

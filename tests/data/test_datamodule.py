@@ -14,7 +14,7 @@ import torch
 
 from equilibrate_pl.data import SafetyDataModule
 from equilibrate_pl.data.collate import IGNORE_INDEX
-from equilibrate_pl.data.loaders import DataSource
+from equilibrate_pl.data.loaders import DataError, DataSource
 from equilibrate_pl.data.world import build_world
 from equilibrate_pl.distributed import destroy_process_group_at_exit
 
@@ -297,3 +297,53 @@ def test_the_former_name_of_world_scale_still_works_with_a_warning() -> None:
     with pytest.warns(FutureWarning, match="world_size is now data.world_scale"):
         dm = SafetyDataModule(stage="prompt", world_size="tiny")
     assert dm.world_scale == "tiny" and dm.hparams["world_scale"] == "tiny" and "world_size" not in dm.hparams
+
+
+def test_safety_labels_reach_the_batches_and_are_required(tmp_path, equilibrate_cache):
+    dm = tiny_module(mix="all", safety_labels=True)
+    dm.setup()
+    batch = batches(dm, 1)[0]
+    assert batch["chosen_unsafe"].shape == batch["rejected_unsafe"].shape == batch["harm_order"].shape == (8,)
+    world = build_world(seed=0, size="tiny")
+    truth = {r["id"]: (r["chosen_unsafe"], r["rejected_unsafe"]) for r in world.general_pool("train") + world.safety_pool("train")}
+    for row, c, r in zip(batch["index"].tolist(), batch["chosen_unsafe"].tolist(), batch["rejected_unsafe"].tolist()):
+        assert truth[dm.train_records[row]["id"]] == (c, r)
+    assert "chosen_unsafe" not in batches(tiny_module(mix="all"), 1)[0]  # only when asked for
+    # a file without the labels cannot train a cost model: one line naming the file and the column
+    saf = tmp_path / "safety.jsonl"
+    saf.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("chosen_unsafe", "rejected_unsafe")}) + "\n"
+                           for r in world.safety_pool("train")))
+    gen = tmp_path / "general.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in world.general_pool("train")))
+    labelled = tiny_module(builtin_world=False, general=[DataSource(str(gen))], safety=[DataSource(str(saf))],
+                           mix="all", safety_labels=True)
+    with pytest.raises(DataError, match=r"safety.jsonl, row 1, field 'chosen_unsafe': missing: the cost model needs"):
+        labelled.setup()
+    with pytest.raises(ValueError, match="preference pairs"):
+        SafetyDataModule(stage="prompt", safety_labels=True)
+
+
+def test_contrastive_pairs_are_added_after_mixing_and_held_out_per_kind(tmp_path, equilibrate_cache):
+    plain = tiny_module(mix="ratio")
+    plain.setup()
+    dm = tiny_module(mix="ratio", contrastive_pairs=True, val_size=16)
+    dm.setup()
+    world = build_world(seed=0, size="tiny")
+    assert dm.mix_result.counts == plain.mix_result.counts  # the FDC mix is untouched
+    added = [r for r in dm.train_records if r["id"].endswith("-offtopic")]
+    assert len(added) == len(world.contrastive_pool("train")) == len(dm.train_records) - len(plain.train_records)
+    val_kinds = {r["meta"]["pair_kind"] for r in dm.val_records if r["id"].endswith("-offtopic")}
+    assert val_kinds == {"safe_over_off_topic", "on_topic_over_off_topic"}
+    assert sum(r["id"].endswith("-offtopic") for r in dm.val_records) == 16
+    assert not {r["id"] for r in added} & {r["id"] for r in dm.val_records}  # train and eval splits of the world
+    assert any(n.startswith("contrastive pairs") for n in dm._notes)
+    # from files: built from the loaded pairs' chosen responses
+    gen, saf = tmp_path / "general.jsonl", tmp_path / "safety.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in world.general_pool("train")))
+    saf.write_text("".join(json.dumps(r) + "\n" for r in world.safety_pool("train")))
+    files = tiny_module(builtin_world=False, general=[DataSource(str(gen))], safety=[DataSource(str(saf))], mix="all",
+                        contrastive_pairs=True)
+    files.setup()
+    chosen = {r["chosen"] for r in world.general_pool("train") + world.safety_pool("train")}
+    built = [r for r in files.train_records if r["id"].endswith("-offtopic")]
+    assert built and all(r["chosen"] in chosen and r["rejected"] in chosen for r in built)

@@ -256,3 +256,60 @@ def test_write_jsonl_atomic_roundtrip(tmp_path: Path) -> None:
     assert write_jsonl(recs, out) == 2
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == recs
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.jsonl"]
+
+
+# ---------------------------------------------------------------- safety labels (the cost model's columns)
+
+
+def test_safety_labels_load_from_json_and_csv(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "p1", "chosen": "a", "rejected": "b", "chosen_unsafe": False, "rejected_unsafe": True},
+        {"prompt": "p2", "chosen": "a", "rejected": "b", "chosen_unsafe": True, "rejected_unsafe": True,
+         "safer_response": "rejected"},
+        {"prompt": "p3", "chosen": "a", "rejected": "b"},  # no labels: a plain pair
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_records(path, "preference").records
+    assert [(r.get("chosen_unsafe"), r.get("rejected_unsafe"), r.get("safer_response")) for r in records] == [
+        (False, True, None), (True, True, "rejected"), (None, None, None)]
+    assert "chosen_unsafe" not in records[0]["meta"]  # top-level fields, not meta
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("prompt,chosen,rejected,chosen_unsafe,rejected_unsafe\np,a,b,false,TRUE\nq,a,b,0,1\nr,a,b,no,yes\n")
+    assert [(r["chosen_unsafe"], r["rejected_unsafe"]) for r in load_records(csv_path, "preference").records] == [(False, True)] * 3
+
+
+@pytest.mark.parametrize(("row", "field", "match"), [
+    ({"chosen_unsafe": True}, "rejected_unsafe", "come together"),
+    ({"chosen_unsafe": "maybe", "rejected_unsafe": False}, "chosen_unsafe", "expected true or false"),
+    ({"chosen_unsafe": 2, "rejected_unsafe": False}, "chosen_unsafe", "expected true or false"),
+    ({"chosen_unsafe": True, "rejected_unsafe": False, "safer_response": "first"}, "safer_response", "'chosen' or 'rejected'"),
+    ({"safer_response": "chosen"}, "safer_response", "without"),
+])
+def test_bad_safety_labels_name_row_and_field(tmp_path: Path, row: dict, field: str, match: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", **row}) + "\n")
+    with pytest.raises(DataError, match=match) as info:
+        load_records(path, "preference")
+    _assert_names(info.value, "bad.jsonl", 2, field)
+
+
+def test_pku_saferlhf_preset_gives_the_safety_labels(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "p", "response_0": "harmful", "response_1": "refusal", "is_response_0_safe": False,
+         "is_response_1_safe": True, "safer_response_id": 1, "better_response_id": 0},
+        {"prompt": "q", "response_0": "a", "response_1": "b", "is_response_0_safe": False, "is_response_1_safe": False,
+         "safer_response_id": 0, "better_response_id": 1},
+    ]
+    path = tmp_path / "pku.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = load_records(path, preset="pku-saferlhf").records
+    assert (first["chosen"], first["chosen_unsafe"], first["rejected"], first["rejected_unsafe"]) == ("refusal", False, "harmful", True)
+    # both unsafe: the dataset's safer_response_id still orders the pair (chosen is the safer one)
+    assert (second["chosen"], second["chosen_unsafe"], second["rejected_unsafe"], second["safer_response"]) == ("a", True, True, "chosen")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "is_response_1_safe": "yes"}) + "\n")
+    with pytest.raises(DataError, match="expected true or false") as info:
+        load_records(bad, preset="pku-saferlhf")
+    _assert_names(info.value, "bad.jsonl", 1, "is_response_1_safe")

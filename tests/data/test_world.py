@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from equilibrate_pl.commands.world import main as world_main
-from equilibrate_pl.data.schema import GROUP_NAMES, RECORD_FIELDS
+from equilibrate_pl.data.schema import GROUP_NAMES, RECORD_FIELDS, SAFETY_LABEL_FIELDS
 from equilibrate_pl.data.world import GENERAL_TASKS, LOOKALIKE_TASKS, PEOPLE, RISKY_ITEMS, SIZES, build_world
 
 # Written independently of the module: words that make a prompt explicitly risky.
@@ -93,7 +93,9 @@ def test_records_follow_the_schema(world):
         ids = [r["id"] for r in rows]
         assert len(set(ids)) == len(ids), name
         for r in rows:
-            assert set(r) == set(RECORD_FIELDS[kinds[name.split("_")[0]]]), name  # exactly the kind's fields
+            kind = kinds[name.split("_")[0]]
+            # exactly the kind's fields; a preference pair also carries its (true) safety labels
+            assert set(r) == set(RECORD_FIELDS[kind]) | (set(SAFETY_LABEL_FIELDS) if kind == "preference" else set()), name
             assert r["group"] in GROUP_NAMES and r["source"] == "builtin-world"
             assert r["meta"]["true_group"] in GROUP_NAMES
             assert r["meta"]["ideal"] == ("help" if r["meta"]["true_group"] == "general" else "refuse")
@@ -209,11 +211,12 @@ def test_cli_writes_jsonl_files(tmp_path, capsys):
     expected = {
         "prompts_train.jsonl": w.prompts("train"), "sft_eval.jsonl": w.sft_records("eval"),
         "preference_train.jsonl": w.preference_records("train"), "safety_pool_train.jsonl": w.safety_pool("train"),
+        "contrastive_eval.jsonl": w.contrastive_pool("eval"),
     }
     for name, rows in expected.items():
         lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
         assert [json.loads(line) for line in lines] == rows
-    assert len(list(tmp_path.iterdir())) == 8, "no temporary files left behind"
+    assert len(list(tmp_path.iterdir())) == 10, "no temporary files left behind"
     assert world_main(["--size", "tiny", "--noise-fraction", "0.9"]) == 2
 
 
@@ -262,3 +265,34 @@ def test_a_bag_of_words_model_generalises_from_train_to_eval(default_world):
     overall = sum(map(sum, right.values())) / sum(map(len, right.values()))
     assert overall >= 0.8, right
     assert all(sum(v) / len(v) >= 0.55 for v in right.values()), {k: sum(v) / len(v) for k, v in right.items()}
+
+
+def test_safety_labels_mark_only_harmful_compliance_unsafe(world):
+    """Labels are the truth, also on the noisy pool rows: a harmful compliance (placeholder text) is
+    unsafe; refusals, safe redirects and answers to benign prompts are safe."""
+    for split in ("train", "eval"):
+        for r in world.preference_records(split) + world.safety_pool(split):
+            for side in ("chosen", "rejected"):
+                assert r[f"{side}_unsafe"] == bool(PLACEHOLDER.search(r[side])), (r["id"], side)
+            if r["meta"]["true_group"] != "general":
+                assert (r["chosen_unsafe"], r["rejected_unsafe"]) == (False, True)
+
+
+def test_contrastive_pool_prefers_safe_and_on_topic_answers_over_off_topic_ones(world):
+    for split in ("train", "eval"):
+        pool = world.contrastive_pool(split)
+        examples = {ex.id: ex for ex in world.examples[split]}
+        assert len(pool) == len(examples)  # one pair per prompt
+        assert len({r["id"] for r in pool}) == len(pool)
+        for r in pool:
+            ex = examples[r["id"].removesuffix("-offtopic")]
+            donor = examples[r["meta"]["off_topic_from"]]  # a benign prompt of the same split: its own answer
+            assert donor.ideal == "help" and r["rejected"] == donor.helpful and donor.prompt != r["prompt"]
+            assert (r["chosen_unsafe"], r["rejected_unsafe"]) == (False, False)
+            assert r["group"] == ex.group
+            if ex.ideal == "refuse":
+                assert r["meta"]["pair_kind"] == "safe_over_off_topic" and r["chosen"] == ex.ideal_response
+            else:
+                assert r["meta"]["pair_kind"] == "on_topic_over_off_topic" and r["chosen"] == ex.helpful
+                assert donor.topic != ex.topic  # off topic, not a near paraphrase of the right answer
+    assert world.contrastive_pool("eval") == build_world(seed=0, size="tiny").contrastive_pool("eval")

@@ -444,11 +444,28 @@ def test_constant_reward_model_is_warned_about(kit: Any) -> None:
         make_trainer(max_steps=1).fit(module, loader([prompt_batch(tok, PROMPTS)]))
 
 
+def straight_and_resumed(build: Any, tmp_path: Path) -> tuple[PolicyModule, PolicyModule, PolicyModule]:
+    """``(straight, first, resumed)``: 4 iterations straight; 2 iterations checkpointed at
+    ``tmp_path / "step=2.ckpt"``; and a fresh module resumed from that checkpoint to iteration 4
+    after the global RNG was disturbed (which must not matter)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    straight = build()
+    make_trainer(max_steps=4).fit(straight, datamodule=prompt_datamodule())
+    first = build()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    make_trainer(max_steps=2, enable_checkpointing=True, callbacks=[ckpt]).fit(first, datamodule=prompt_datamodule())
+    path = tmp_path / "step=2.ckpt"
+    assert path.is_file()
+    torch.manual_seed(12345)
+    resumed = build()
+    make_trainer(max_steps=4).fit(resumed, datamodule=prompt_datamodule(), ckpt_path=str(path))
+    return straight, first, resumed
+
+
 def test_resume_equals_uninterrupted(equilibrate_cache: Path, tmp_path: Path) -> None:
     """Sampling on, adaptive KL: 4 steps straight == 2 steps, checkpoint, new process state, 2 more.
     Needs the rollout RNG, the sampler position, optimizer and KL-controller state in the checkpoint."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     def build() -> PolicyModule:
         tok, actor, _, critic = tiny_tokenizer_and_models()
         return PolicyModule.from_models(
@@ -457,17 +474,7 @@ def test_resume_equals_uninterrupted(equilibrate_cache: Path, tmp_path: Path) ->
             actor_optim={"lr": 1e-2, "scheduler": "constant"}, critic_optim={"lr": 1e-2, "scheduler": "constant"},
         )
 
-    straight = build()
-    make_trainer(max_steps=4).fit(straight, datamodule=prompt_datamodule())
-
-    first = build()
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    make_trainer(max_steps=2, enable_checkpointing=True, callbacks=[ckpt]).fit(first, datamodule=prompt_datamodule())
-    path = tmp_path / "step=2.ckpt"
-    assert path.is_file()
-    torch.manual_seed(12345)  # a different global RNG state must not matter
-    resumed = build()
-    make_trainer(max_steps=4).fit(resumed, datamodule=prompt_datamodule(), ckpt_path=str(path))
+    straight, first, resumed = straight_and_resumed(build, tmp_path)
 
     a, b = trainable_state(straight), trainable_state(resumed)
     mid = trainable_state(first)
