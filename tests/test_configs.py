@@ -16,14 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*/*.yaml"))
 
 
+# The real-model experiment's recipes (benchmarks/tradeoff_real.py): recipe -> stage.
+REAL = {"rm": "rm", "naive-dpo": "dpo", "fdc-adpo": "dpo"}
+
+
 def _stage(config: Path) -> str:
     if config.parent.name == "quickstart":
         return {**STAGES, **ARMS}[config.stem]
+    if config.parent.name == "real":
+        return REAL[config.stem]
     return config.parent.name
 
 
 def test_the_recipe_folders_are_stages() -> None:
-    assert {c.parent.name for c in CONFIGS} == {"sft", "rm", "cost", "dpo", "ppo", "quickstart"}
+    assert {c.parent.name for c in CONFIGS} == {"sft", "rm", "cost", "dpo", "ppo", "quickstart", "real"}
     assert len(CONFIGS) >= 26
 
 
