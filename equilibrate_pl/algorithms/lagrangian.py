@@ -124,6 +124,9 @@ class LagrangeMultiplier:
         if self.lambda_max is not None:
             with torch.no_grad():
                 self.log_lambda.clamp_(max=math.log(self.lambda_max))
+        if not math.isfinite(self.value):
+            raise ValueError(f"lambda overflowed ({self.value}) after a mean cost of {self.mean_cost():.4g} against a "
+                             f"threshold of {self.threshold:.4g}: set lambda_max (the step on log lambda grows with lambda)")
         return True
 
     def state_dict(self) -> dict[str, Any]:

@@ -202,7 +202,10 @@ class ConstraintSettings:
             that is safe on average; a negative threshold asks for margin).
         lambda_init: the multiplier lambda at the start (> 0; safe-rlhf's default is 1).
         lambda_lr: SGD learning rate of ``log(lambda)``.
-        lambda_max: cap on lambda (``None``: none).
+        lambda_max: cap on lambda (``None``: none). The step on ``log(lambda)`` is proportional to
+            lambda, so a sustained violation grows lambda doubly exponentially: uncapped, it reaches
+            float overflow within a few iterations. At lambda = 100 the combined advantage is 99% the
+            cost's, so the default cap changes nothing a larger lambda would do.
         update_delay: PPO iterations before lambda starts moving.
         window: episodes in the moving mean cost lambda is updated on (0: this iteration's episodes).
         use_cost_critic: cost advantages from a cost critic (GAE on the per-token costs; a scalar
@@ -219,7 +222,7 @@ class ConstraintSettings:
     threshold: float = 0.0
     lambda_init: float = 1.0
     lambda_lr: float = 0.1
-    lambda_max: Optional[float] = None
+    lambda_max: Optional[float] = 100.0
     update_delay: int = 0
     window: int = 0
     use_cost_critic: Optional[bool] = None

@@ -99,3 +99,29 @@ def test_settings_are_checked() -> None:
         LagrangeMultiplier(lambda_init=2.0, lambda_max=1.0)
     with pytest.raises(ValueError, match="finite"):
         LagrangeMultiplier().update([float("nan")], iteration=0)
+
+
+def test_a_sustained_violation_overflows_an_uncapped_lambda_and_the_cap_holds_it() -> None:
+    # log lambda moves by lr * (J - d) * lambda per step: 0.1 * 15 * lambda, so lambda = 1 -> e^1.5 = 4.48
+    # -> 4.48 e^6.72 = 3.7e3 -> overflow. This is what a policy drifting to harm does to the multiplier.
+    uncapped = LagrangeMultiplier(threshold=-8.0, lambda_init=1.0, lambda_lr=0.1)
+    uncapped.update([7.0], iteration=0)
+    assert uncapped.value == pytest.approx(math.exp(1.5))
+    uncapped.update([7.0], iteration=1)
+    assert uncapped.value == pytest.approx(math.exp(1.5) * math.exp(1.5 * math.exp(1.5)))
+    with pytest.raises(ValueError, match="lambda overflowed .* set lambda_max"):
+        for step in range(2, 6):
+            uncapped.update([7.0], iteration=step)
+    capped = LagrangeMultiplier(threshold=-8.0, lambda_init=1.0, lambda_lr=0.1, lambda_max=100.0)
+    for step in range(10):
+        capped.update([7.0], iteration=step)
+    assert capped.value == pytest.approx(100.0)
+    capped.update([-20.0], iteration=10)  # below the threshold again: lambda comes down from the cap
+    assert capped.value == pytest.approx(100.0 * math.exp(-0.1 * 12.0 * 100.0))
+
+
+def test_the_policy_modules_constraint_is_capped_by_default() -> None:
+    from equilibrate_pl.modules.policy import ConstraintSettings
+
+    assert ConstraintSettings().lambda_max == 100.0
+    assert ConstraintSettings().multiplier().lambda_max == 100.0
