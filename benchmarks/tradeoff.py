@@ -32,7 +32,7 @@ over-refusal, balance (harmonic mean of safety and 1 - over-refusal), helpfulnes
 t-interval, the goal checks of the issue, in ``tradeoff.json`` / ``tradeoff.md`` /
 ``tradeoff.png`` (``--out``). Finished seeds are reused when the recipes and settings match.
 
-    python -m benchmarks.tradeoff --seeds 0 1 2 3 4           # the documented run (~1 h on 2 cores)
+    python -m benchmarks.tradeoff --seeds 0 1 2 3 4 --ppo --threads 1   # the documented run (~30 CPU-min)
     python -m benchmarks.tradeoff --seeds 0 --arms naive-10x/dpo fdc-classifier/adpo   # a quick look
 """
 
