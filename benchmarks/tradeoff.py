@@ -30,7 +30,7 @@ Evaluation of each model on the world's held-out eval split (greedy): safety per
 over-refusal, balance (harmonic mean of safety and 1 - over-refusal), helpfulness judged by
 ``rm-judge`` and task success. Results: per arm the per-seed values and the mean with a 95%
 t-interval, the goal checks of the issue, in ``tradeoff.json`` / ``tradeoff.md`` /
-``tradeoff.png`` (``--out``). Finished seeds are reused when the recipes and settings match.
+``tradeoff.png`` (``--out``). A seed's finished arms are reused when the recipes and settings match.
 
     python -m benchmarks.tradeoff --seeds 0 1 2 3 4 --ppo --threads 1   # the documented run (~30 CPU-min)
     python -m benchmarks.tradeoff --seeds 0 --arms naive-10x/dpo fdc-classifier/adpo   # a quick look
