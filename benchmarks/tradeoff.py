@@ -401,7 +401,7 @@ def plot(summary: dict[str, Any], path: Path, title: str = "Safety vs over-refus
 
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
     """lambda and the windowed episode cost per PPO iteration, one line per Lagrangian arm and seed,
-    with the arm's threshold."""
+    with the arm's threshold (``summary["thresholds"]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,7 +409,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
 
     from equilibrate_pl.files import atomic_path
 
-    thresholds = recipe_thresholds()
+    thresholds = summary["thresholds"]
     fig, (ax_l, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
     colors = {}
     for seed, arms in summary["curves"].items():
@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = run(args, say)
     per_seed = out["per_seed"]
+    thresholds = recipe_thresholds()
     summary = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.tradeoff " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -474,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": {"wall": time.perf_counter() - started, "cpu_this_process": time.process_time() - cpu_started},
         "pairs": out["pairs"], "start": out["start"], "per_seed": {str(k): v for k, v in per_seed.items()},
         "aggregate": aggregate(per_seed, out["start"]), "goals": goal_checks(per_seed, out["pairs"]),
-        "ppo_goals": ppo_goal_checks(per_seed, out["start"], recipe_thresholds()),
+        "thresholds": thresholds,
+        "ppo_goals": ppo_goal_checks(per_seed, out["start"], thresholds),
         "curves": {str(k): v for k, v in out["curves"].items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
